@@ -1,0 +1,5 @@
+import sys
+
+from agentworker.cli import main
+
+sys.exit(main())

@@ -1,0 +1,183 @@
+"""The ``agentworker`` command (also ``python -m agentworker``).
+
+Every command takes ``--config FILE`` (default: ``AGENTWORKER_CONFIG``, else the packaged quota file).
+User mistakes print one line on stderr and exit non-zero (2 for bad input or configuration, 1 for an
+operation that failed, such as an unreachable Redis); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from agentworker import __version__
+from agentworker.config import ConfigError, QuotaConfig, load_config, resolve_config_path
+from agentworker.jobs import InvalidJob
+from agentworker.routing import InvalidTenantId, route_tenant
+from agentworker.settings import Settings, SettingsError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit code attached."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(config=getattr(args, "config", None))
+
+
+def _config(args: argparse.Namespace) -> QuotaConfig:
+    return load_config(_settings(args).config)
+
+
+# -- check-config ------------------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = resolve_config_path(_settings(args).config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"{exc.source}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{path}: OK")
+    print(f"default pool: {config.default_pool}")
+    print(f"{'pool':<16} {'shards':>6} {'procs':>5} {'conc':>5} {'timeout':>8} {'tries':>5} {'mem MB':>7} "
+          f"{'recycle':>8} {'hang':>5}")
+    for name, pool in sorted(config.pools.items()):
+        print(f"{name:<16} {pool.shards:>6} {pool.processes:>5} {pool.concurrency:>5} {pool.job_timeout:>7g}s "
+              f"{pool.max_tries:>5} {pool.memory_limit_mb:>7} {pool.max_jobs_per_process:>8} "
+              f"{pool.hang_timeout:>4g}s")
+    print(f"{len(config.tenants)} tenant(s) named; others use pool {config.default_pool!r} and "
+          f"tenant_defaults {_limits_text(config.tenant_defaults.model_dump())}")
+    for tenant_id in sorted(config.tenants):
+        route = route_tenant(config, tenant_id)
+        quota = config.tenants[tenant_id].model_dump(exclude={"pool"})
+        print(f"  {tenant_id:<24} pool={route.pool:<12} shard={route.shard:<4} {_limits_text(quota)}")
+    return EXIT_OK
+
+
+def _limits_text(limits: dict[str, Any]) -> str:
+    shown = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in limits.items() if v is not None]
+    return " ".join(shown) or "(no limits)"
+
+
+# -- route -------------------------------------------------------------------------------------------
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    route = route_tenant(_config(args), args.tenant)
+    if args.json:
+        print(json.dumps({"tenant_id": route.tenant_id, "pool": route.pool, "shard": route.shard,
+                          "queue": route.queue}))
+    else:
+        print(f"tenant {route.tenant_id}: pool {route.pool}, shard {route.shard}, queue {route.queue}")
+    return EXIT_OK
+
+
+# -- enqueue -----------------------------------------------------------------------------------------
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"--payload is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise CommandError("--payload must be a JSON object")
+    return asyncio.run(_enqueue(args, payload))
+
+
+async def _enqueue(args: argparse.Namespace, payload: dict[str, Any]) -> int:
+    from agentworker.client import AgentWorkerClient, JobFailed, QuotaExceeded, ResultTimeout
+
+    settings = _settings(args)
+    async with AgentWorkerClient.from_settings(settings) as client:
+        try:
+            job = await client.enqueue(args.task, tenant_id=args.tenant, payload=payload,
+                                       idempotency_key=args.key, defer=args.defer)
+        except QuotaExceeded as exc:
+            raise CommandError(f"quota exceeded: {exc}", EXIT_FAILED) from None
+        state = "enqueued" if job.created else "already exists (same idempotency key): not enqueued again"
+        print(f"job {job.job_id} {state} on {job.route.queue}")
+        if not args.wait:
+            return EXIT_OK
+        try:
+            result = await job.result(timeout=args.timeout)
+        except JobFailed as exc:
+            print(f"failed: {exc.error}: {exc.message}", file=sys.stderr)
+            return EXIT_FAILED
+        except ResultTimeout as exc:
+            print(str(exc), file=sys.stderr)
+            return EXIT_FAILED
+        print(json.dumps(result))
+        return EXIT_OK
+
+
+# -- wiring ------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE",
+                        help="quota file (default: $AGENTWORKER_CONFIG, else the packaged default)")
+    parser = argparse.ArgumentParser(prog="agentworker", description=__doc__.splitlines()[0] if __doc__ else "",
+                                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"agentworker {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("check-config", parents=[common], help="validate the quota file and print it")
+    p.set_defaults(handler=cmd_check_config)
+
+    p = sub.add_parser("route", parents=[common], help="print the pool, shard and queue of a tenant")
+    p.add_argument("tenant", help="tenant id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_route)
+
+    p = sub.add_parser("enqueue", parents=[common], help="route and enqueue one job")
+    p.add_argument("task", help="task name, e.g. echo or execute_workflow")
+    p.add_argument("--tenant", required=True, help="tenant id")
+    p.add_argument("--payload", default="{}", help="the task's keyword arguments as a JSON object")
+    p.add_argument("--key", help="idempotency key (default: a random one)")
+    p.add_argument("--defer", type=float, help="seconds to wait before the job may start")
+    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait (default 60)")
+    p.set_defaults(handler=cmd_enqueue)
+    return parser
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except CommandError as exc:
+        print(f"agentworker: {exc}", file=sys.stderr)
+        return exc.code
+    except ConfigError as exc:
+        print(f"agentworker: bad quota file {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (SettingsError, InvalidTenantId, InvalidJob) as exc:
+        print(f"agentworker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RedisError, OSError) as exc:
+        print(f"agentworker: cannot reach Redis: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,247 @@
+"""What the backend imports to hand jobs to agentworker and hear back from it.
+
+.. code-block:: python
+
+    from agentworker.client import AgentWorkerClient
+
+    async with AgentWorkerClient.from_settings() as client:       # AGENTWORKER_* env + the quota file
+        job = await client.enqueue("execute_workflow", tenant_id="acme", payload={...}, idempotency_key="k1")
+        result = await job.result(timeout=30)                       # the task's return value, or raises
+        async for event in client.events("acme", since="0"):        # catch up, then live
+            ...
+
+The client routes each tenant itself (see :mod:`agentworker.routing`), checks admission (``max_pending``,
+``rate_limit``) and enqueues in one atomic Redis call (:mod:`agentworker.admission`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Self
+
+from redis.asyncio import Redis
+
+from agentworker import jobs, keys
+from agentworker.admission import Admission, Enqueuer
+from agentworker.config import QuotaConfig, load_config
+from agentworker.events import Event, read_events
+from agentworker.routing import Route, route_tenant
+from agentworker.settings import Settings
+
+#: ARQ's margin after a job's due time before its record expires unclaimed (1 day).
+JOB_EXPIRY_MS = 86_400_000
+
+
+class QuotaExceeded(Exception):
+    """The tenant is over one of its limits; nothing was enqueued."""
+
+    def __init__(self, tenant_id: str, limit: str, message: str, retry_after: float | None = None) -> None:
+        self.tenant_id = tenant_id
+        self.limit = limit
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class JobFailed(Exception):
+    """The job ran and failed (or was rejected, or timed out); ``error`` is the exception class name."""
+
+    def __init__(self, job_id: str, error: str, message: str) -> None:
+        self.job_id = job_id
+        self.error = error
+        self.message = message
+        super().__init__(f"job {job_id} failed: {error}: {message}")
+
+
+class ResultTimeout(TimeoutError):
+    """No result arrived within the time given to :meth:`JobHandle.result`."""
+
+
+class JobStatus(StrEnum):
+    DEFERRED = "deferred"
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    COMPLETE = "complete"
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    job_id: str
+    success: bool
+    result: Any
+    job_try: int
+    queue: str
+    enqueue_time_ms: int
+    start_time_ms: int
+    finish_time_ms: int
+
+
+class JobHandle:
+    """A job that was enqueued (``created``) or already existed under the same idempotency key."""
+
+    def __init__(self, redis: Redis, job_id: str, route: Route, created: bool) -> None:
+        self._redis = redis
+        self.job_id = job_id
+        self.route = route
+        self.created = created
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.job_id} queue={self.route.queue} created={self.created}>"
+
+    async def info(self) -> JobResult | None:
+        """The stored result record, or None while the job has not finished."""
+        raw = await self._redis.get(jobs.result_key(self.job_id))
+        if raw is None:
+            return None
+        record = jobs.loads(raw)
+        return JobResult(
+            job_id=self.job_id, success=bool(record["s"]), result=record["r"], job_try=record.get("t") or 1,
+            queue=record.get("q", ""), enqueue_time_ms=record.get("et", 0),
+            start_time_ms=record.get("st", 0), finish_time_ms=record.get("ft", 0),
+        )
+
+    async def status(self) -> JobStatus:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(jobs.result_key(self.job_id))
+            pipe.exists(jobs.in_progress_key(self.job_id))
+            pipe.zscore(self.route.queue, self.job_id)
+            has_result, in_progress, score = await pipe.execute()
+        if has_result:
+            return JobStatus.COMPLETE
+        if in_progress:
+            return JobStatus.IN_PROGRESS
+        if score is None:
+            return JobStatus.NOT_FOUND
+        return JobStatus.DEFERRED if score > time.time() * 1000 else JobStatus.QUEUED
+
+    async def result(self, timeout: float | None = None, *, poll_interval: float = 0.25) -> Any:  # noqa: ASYNC109
+        """Wait for the job to finish; return its result or raise :class:`JobFailed`.
+
+        Raises :class:`ResultTimeout` if ``timeout`` seconds pass first. Polls the result key with a
+        delay growing from 5 ms to ``poll_interval``, so short jobs are seen quickly.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            info = await self.info()
+            if info is not None:
+                if info.success:
+                    return info.result
+                error = info.result if isinstance(info.result, dict) else {"message": str(info.result)}
+                raise JobFailed(self.job_id, str(error.get("error", "Error")), str(error.get("message", "")))
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(f"job {self.job_id} has no result after {timeout:g}s")
+            wait = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, poll_interval)
+
+
+class AgentWorkerClient:
+    """Routes, admits and enqueues jobs; reads results and events. Use as an async context manager."""
+
+    def __init__(self, redis: Redis, config: QuotaConfig, settings: Settings | None = None) -> None:
+        self.redis = redis
+        self.config = config
+        self.settings = settings or Settings()
+        self._enqueuer = Enqueuer(redis)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, *, config: QuotaConfig | None = None) -> Self:
+        """A client on ``AGENTWORKER_REDIS_URL`` with the quota file of ``AGENTWORKER_CONFIG``."""
+        settings = settings or Settings.from_env()
+        config = config or load_config(settings.config)
+        return cls(Redis.from_url(settings.redis_url), config, settings)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    def route(self, tenant_id: str) -> Route:
+        return route_tenant(self.config, tenant_id)
+
+    def job(self, job_id: str) -> JobHandle:
+        """A handle on an existing job id (``tenant:task:key``)."""
+        parsed = jobs.JobId.parse(job_id)
+        return JobHandle(self.redis, job_id, self.route(parsed.tenant_id), created=False)
+
+    async def enqueue(
+        self,
+        task: str,
+        tenant_id: str,
+        payload: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        defer: float | timedelta | datetime | None = None,
+    ) -> JobHandle:
+        """Enqueue ``task`` for ``tenant_id`` with keyword arguments ``payload``.
+
+        The job id is ``{tenant_id}:{task}:{idempotency_key}`` (a random key when none is given); if that
+        job still exists (queued, running, or its result kept), nothing is enqueued and the handle has
+        ``created=False``. ``defer`` delays the start by seconds / a timedelta, or until a datetime.
+
+        Raises :class:`QuotaExceeded` when the tenant is over ``max_pending`` or ``rate_limit``,
+        :class:`~agentworker.routing.InvalidTenantId` or :class:`~agentworker.jobs.InvalidJob` for bad input.
+        """
+        job_id = jobs.make_job_id(tenant_id, task, idempotency_key)
+        route = self.route(tenant_id)
+        body = dict(payload or {})
+        body.setdefault("tenant_id", tenant_id)
+        jobs.check_payload(body, tenant_id, self.settings.max_payload_bytes)
+
+        now_ms = int(time.time() * 1000)
+        score_ms = now_ms + _defer_ms(defer, now_ms)
+        limits = self.config.limits_of(tenant_id)
+        admitted = await self._enqueuer.enqueue(
+            job_id=str(job_id), tenant_id=tenant_id, pool=route.pool, queue=route.queue,
+            job_bytes=jobs.encode_job(task, body, now_ms), score_ms=score_ms,
+            expires_ms=score_ms - now_ms + JOB_EXPIRY_MS,
+            max_pending=limits.max_pending, rate=limits.rate,
+        )
+        if admitted.outcome is Admission.OVER_MAX_PENDING:
+            raise QuotaExceeded(
+                tenant_id, "max_pending",
+                f"tenant {tenant_id!r} has {admitted.detail} jobs pending, at its max_pending of "
+                f"{limits.max_pending}; nothing was enqueued")
+        if admitted.outcome is Admission.OVER_RATE_LIMIT:
+            raise QuotaExceeded(
+                tenant_id, "rate_limit",
+                f"tenant {tenant_id!r} is over its rate_limit of {limits.rate}; retry in "
+                f"{admitted.detail / 1000:.3f}s; nothing was enqueued",
+                retry_after=admitted.detail / 1000)
+        return JobHandle(self.redis, str(job_id), route, created=admitted.outcome is Admission.ENQUEUED)
+
+    async def pending_count(self, tenant_id: str) -> int:
+        """Jobs of the tenant enqueued and not yet started (what ``max_pending`` limits)."""
+        now_ms = int(time.time() * 1000)
+        return int(await self.redis.zcount(keys.pending(tenant_id), now_ms, "+inf"))
+
+    def events(self, tenant_id: str, since: str = "0", *, block_ms: int = 5000) -> AsyncIterator[Event]:
+        """The tenant's events after stream id ``since``: caught up from the stream, then live.
+
+        ``since="0"`` replays every event still kept; ``"$"`` only new ones; an :attr:`Event.id` resumes
+        after that event.
+        """
+        route_tenant(self.config, tenant_id)  # validates the id
+        return read_events(self.redis, tenant_id, since=since, block_ms=block_ms)
+
+
+def _defer_ms(defer: float | timedelta | datetime | None, now_ms: int) -> int:
+    if defer is None:
+        return 0
+    if isinstance(defer, datetime):
+        return max(0, int(defer.timestamp() * 1000) - now_ms)
+    seconds = defer.total_seconds() if isinstance(defer, timedelta) else float(defer)
+    if seconds < 0:
+        raise jobs.InvalidJob(f"defer must not be negative (got {seconds:g}s)")
+    return int(seconds * 1000)

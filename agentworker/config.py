@@ -1,0 +1,269 @@
+"""The quota file: pools of tenants, their processes, concurrency and timeouts.
+
+The file is YAML (a Kubernetes ConfigMap in production)::
+
+    default_pool: standard
+    pools:
+      standard: {shards: 8, processes: 2, concurrency: 20, job_timeout: 300}
+    tenants:
+      acme: {pool: premium, max_concurrency: 10, max_pending: 1000, job_timeout: 120, rate_limit: 50/s}
+
+Every key is validated once, here, at the edge. Unknown keys and impossible values are refused with
+the dotted path of the offending key (``pools.standard.concurrency: must be >= 1``); all errors of a
+file are reported together so an operator fixes them in one pass.
+
+``tenant_defaults`` (optional) holds the limits of tenants the file does not name, so a pool shared by
+thousands of small tenants still keeps each of them within bounds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+               "h": 3600.0, "hour": 3600.0}
+
+DEFAULT_CONFIG_RESOURCE = "default_quotas.yaml"
+
+
+class ConfigError(Exception):
+    """The quota file cannot be used. ``errors`` holds one ``path: message`` line per problem."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: " + "; ".join(errors))
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """``count`` jobs per ``period_s`` seconds, enforced as a token bucket of ``count`` tokens."""
+
+    count: float
+    period_s: float
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        match = _RATE_RE.match(text)
+        if not match:
+            raise ValueError("must look like 50/s, 600/m or 1000/h")
+        count = float(match.group(1))
+        if count <= 0:
+            raise ValueError("must allow at least some jobs (count > 0)")
+        return cls(count=count, period_s=_RATE_UNITS[match.group(2)])
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.period_s
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}[self.period_s]
+        count = int(self.count) if self.count.is_integer() else self.count
+        return f"{count}/{unit}"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class PoolQuota(_Strict):
+    """One quota profile: how many processes serve a pool's shards and how hard each may work."""
+
+    shards: Annotated[int, Field(ge=1, le=1024)] = 8
+    processes: Annotated[int, Field(ge=1, le=256)] = 2
+    concurrency: Annotated[int, Field(ge=1, le=10_000)] = 20
+    job_timeout: Annotated[float, Field(gt=0, le=86_400)] = 300
+    max_tries: Annotated[int, Field(ge=1, le=100)] = 3
+    memory_limit_mb: Annotated[int, Field(ge=32)] = 512
+    max_jobs_per_process: PositiveInt = 10_000
+    hang_timeout: Annotated[float, Field(gt=0, le=3600)] = 30
+
+
+class TenantLimits(_Strict):
+    """Per-tenant limits; every one is optional (absent means: only the pool's limits apply)."""
+
+    max_concurrency: PositiveInt | None = None
+    max_pending: Annotated[int, Field(ge=0)] | None = None
+    job_timeout: Annotated[float, Field(gt=0)] | None = None
+    rate_limit: str | None = None
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            RateLimit.parse(value)
+        return value
+
+    @property
+    def rate(self) -> RateLimit | None:
+        return RateLimit.parse(self.rate_limit) if self.rate_limit else None
+
+
+class TenantQuota(TenantLimits):
+    """A tenant named in the quota file: its pool and its own limits."""
+
+    pool: str | None = None
+
+
+class QuotaConfig(_Strict):
+    """The whole quota file."""
+
+    default_pool: str = "standard"
+    pools: dict[str, PoolQuota] = Field(min_length=1)
+    tenants: dict[str, TenantQuota] = Field(default_factory=dict)
+    tenant_defaults: TenantLimits = Field(default_factory=TenantLimits)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> QuotaConfig:
+        problems: list[tuple[str, str]] = []
+        for name in self.pools:
+            if not _NAME_RE.fullmatch(name):
+                problems.append((f"pools.{name}", f"pool name must match {NAME_PATTERN}"))
+        if self.default_pool not in self.pools:
+            problems.append(("default_pool", f"names pool {self.default_pool!r}, which is not defined"))
+        for tenant_id, quota in self.tenants.items():
+            where = f"tenants.{tenant_id}"
+            if not _NAME_RE.fullmatch(tenant_id):
+                problems.append((where, f"tenant id must match {NAME_PATTERN}"))
+            pool_name = quota.pool or self.default_pool
+            pool = self.pools.get(pool_name)
+            if pool is None:
+                if quota.pool is not None:
+                    problems.append((f"{where}.pool", f"names pool {pool_name!r}, which is not defined"))
+                continue
+            if quota.job_timeout is not None and quota.job_timeout > pool.job_timeout:
+                problems.append((f"{where}.job_timeout",
+                                 f"{quota.job_timeout:g}s is above pool {pool_name!r}'s job_timeout "
+                                 f"{pool.job_timeout:g}s"))
+        defaults = self.tenant_defaults
+        if defaults.job_timeout is not None:
+            for pool_name, pool in self.pools.items():
+                if defaults.job_timeout > pool.job_timeout:
+                    problems.append(("tenant_defaults.job_timeout",
+                                     f"{defaults.job_timeout:g}s is above pool {pool_name!r}'s job_timeout "
+                                     f"{pool.job_timeout:g}s"))
+        if problems:
+            raise _ReferenceErrors(problems)
+        return self
+
+    def pool_of(self, tenant_id: str) -> str:
+        quota = self.tenants.get(tenant_id)
+        return (quota.pool if quota and quota.pool else None) or self.default_pool
+
+    def limits_of(self, tenant_id: str) -> TenantLimits:
+        """The tenant's own limits, falling back key by key to ``tenant_defaults``."""
+        quota = self.tenants.get(tenant_id)
+        if quota is None:
+            return self.tenant_defaults
+        merged = self.tenant_defaults.model_dump()
+        merged.update({k: v for k, v in quota.model_dump(exclude={"pool"}).items() if v is not None})
+        return TenantLimits(**merged)
+
+    def job_timeout_for(self, tenant_id: str) -> float:
+        """The pool's job timeout, tightened by the tenant's own when it has one."""
+        pool_timeout = self.pools[self.pool_of(tenant_id)].job_timeout
+        tenant_timeout = self.limits_of(tenant_id).job_timeout
+        return min(pool_timeout, tenant_timeout) if tenant_timeout else pool_timeout
+
+
+class _ReferenceErrors(ValueError):
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{p}: {m}" for p, m in problems))
+
+
+_MESSAGES: dict[str, str] = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "too_short": "must not be empty",
+}
+
+
+def _format_pydantic_error(error: Any) -> list[str]:
+    loc = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind == "value_error" and isinstance(ctx.get("error"), _ReferenceErrors):
+        return [f"{path}: {message}" for path, message in ctx["error"].problems]
+    if kind == "greater_than_equal":
+        message = f"must be >= {ctx['ge']}"
+    elif kind == "greater_than":
+        message = f"must be > {ctx['gt']}"
+    elif kind == "less_than_equal":
+        message = f"must be <= {ctx['le']}"
+    elif kind == "value_error":
+        message = str(ctx.get("error", error["msg"]))
+    else:
+        message = _MESSAGES.get(kind, error["msg"])
+    got = error.get("input")
+    if kind not in ("extra_forbidden", "missing", "value_error") and not isinstance(got, dict | list):
+        message += f" (got {got!r})"
+    return [f"{loc or '(top level)'}: {message}"]
+
+
+def parse_config(data: Any, *, source: str = "<quota file>") -> QuotaConfig:
+    """Validate already-parsed YAML data; raise :class:`ConfigError` listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): must be a mapping with a 'pools' key"])
+    try:
+        return QuotaConfig.model_validate(data)
+    except ValidationError as exc:
+        errors: list[str] = []
+        for error in exc.errors():
+            errors.extend(_format_pydantic_error(error))
+        raise ConfigError(source, errors) from None
+
+
+def load_config_text(text: str, *, source: str = "<quota file>") -> QuotaConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}".replace("\n", " ")]) from None
+    return parse_config(data, source=source)
+
+
+def default_config_path() -> Path:
+    """The quota file shipped inside the package."""
+    return Path(str(resources.files("agentworker").joinpath(DEFAULT_CONFIG_RESOURCE)))
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """``--config``, else ``AGENTWORKER_CONFIG``, else the packaged default quota file."""
+    if path:
+        return Path(path)
+    from_env = os.environ.get("AGENTWORKER_CONFIG")
+    if from_env:
+        return Path(from_env)
+    return default_config_path()
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> QuotaConfig:
+    """Read and validate the quota file (see :func:`resolve_config_path` for which one)."""
+    resolved = resolve_config_path(path)
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(resolved), [f"cannot read the file: {exc.strerror or exc}"]) from None
+    return load_config_text(text, source=str(resolved))
+

@@ -1,0 +1,1 @@
+"""LangGraph graphs: chat agent, workflow executor, tool agent."""

@@ -1,0 +1,328 @@
+"""The worker process: serves every shard queue of one pool.
+
+    python -m agentworker.pools.worker --config FILE --pool NAME --slot N [--status-file PATH]
+
+One event loop (uvloop) runs one ARQ ``Worker`` per shard queue (:class:`ShardWorker`), all sharing one
+Redis client, one process-wide cap of ``concurrency`` jobs (:class:`ConcurrencyGate`, round-robin between
+shards with work) and the tenant leases of ``max_concurrency`` (:class:`TenantLeases`).
+
+Wake-ups: the enqueue script publishes the queue name on ``agentworker:wakeup:{pool}``; the process
+listens and polls that shard at once, so polling (``AGENTWORKER_POLL_INTERVAL``) is only a fallback.
+
+Signals (handlers only set flags; the main loop acts):
+
+* SIGTERM / SIGINT: stop taking jobs, give running jobs ``AGENTWORKER_SHUTDOWN_GRACE`` seconds, cancel the
+  rest (ARQ re-queues them at once), release leases, exit 0.
+* SIGHUP: re-read the quota file; tenant limits apply at once. A bad file is logged and ignored. Pool
+  settings (shards, concurrency) are the supervisor's to change, by replacing the process.
+
+``--status-file``: every second the event loop rewrites this JSON file (pid, state, jobs served, jobs
+running, Redis health, a timestamp). A stale timestamp means the loop is blocked: that is the heartbeat
+the supervisor watches.
+
+Exit codes: 0 clean stop, 2 bad configuration or arguments, 3 crashed loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.worker import Function, func
+from redis.exceptions import RedisError
+
+from agentworker import jobs, keys, metrics
+from agentworker.config import ConfigError, QuotaConfig, load_config
+from agentworker.events import EventPublisher
+from agentworker.logs import configure_logging, get_logger
+from agentworker.pools.arq_internals import ShardWorker
+from agentworker.pools.gate import ConcurrencyGate
+from agentworker.pools.leases import TenantLeases
+from agentworker.settings import Settings, SettingsError
+from agentworker.tasks.context import JobRuntime
+from agentworker.tasks.envelope import make_job_function, make_reject_function
+from agentworker.tasks.registry import TaskRegistry, load_task_modules
+
+log = get_logger("agentworker.worker")
+
+EXIT_OK, EXIT_CONFIG, EXIT_CRASH = 0, 2, 3
+STATUS_INTERVAL_S = 1.0
+
+
+def build_functions(registry: TaskRegistry, job_timeout: float) -> list[Function]:
+    """One ARQ function per task, each wrapped in the envelope. ARQ's own timeout is a backstop one
+    second above the pool's: the envelope's tighter per-tenant deadline fires first."""
+    functions = [func(make_job_function(task), name=task.name, timeout=job_timeout + 1)  # type: ignore[arg-type]
+                 for task in registry]
+    functions.append(func(make_reject_function(), name=jobs.REJECT_TASK, timeout=job_timeout + 1))  # type: ignore[arg-type]
+    return functions
+
+
+class WorkerProcess:
+    """Everything one worker process runs; :meth:`serve` returns the exit code."""
+
+    def __init__(self, *, settings: Settings, config: QuotaConfig, pool: str, slot: int,
+                 registry: TaskRegistry, status_file: Path | None = None) -> None:
+        self.settings = settings
+        self.config = config
+        self.pool_name = pool
+        self.slot = slot
+        self.registry = registry
+        self.status_file = status_file
+        self.state = "starting"
+        self.jobs_served = 0
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+
+    # -- signals (flags only) --------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    # -- main ------------------------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+        pool = self.config.pools[self.pool_name]
+        redis = ArqRedis.from_url(self.settings.redis_url, socket_connect_timeout=5, socket_timeout=15,
+                                  health_check_interval=30)
+        self.redis = redis
+        self.runtime = JobRuntime(pool=self.pool_name, slot=self.slot, settings=self.settings, redis=redis,
+                                  events=EventPublisher(redis, stream_maxlen=self.settings.event_stream_maxlen),
+                                  config=self.config)
+        self.gate = ConcurrencyGate(pool.concurrency)
+        self.leases = TenantLeases(redis, self.settings.tenant_lease_ttl)
+        decoder = jobs.WorkerJobDecoder(self.registry.names(), self.settings.max_payload_bytes)
+        functions = build_functions(self.registry, pool.job_timeout)
+        self._lease_releases: set[asyncio.Task[None]] = set()
+        self.workers = [
+            ShardWorker(
+                functions=functions, queue_name=keys.queue(self.pool_name, shard), shard=shard, redis=redis,
+                gate=self.gate, admit=self._admit, on_done=self._job_done, max_jobs=pool.concurrency,
+                job_timeout=pool.job_timeout + 1, max_tries=pool.max_tries, keep_result=self.settings.keep_result,
+                poll_delay=self.settings.poll_interval, job_serializer=jobs.dumps, job_deserializer=decoder,
+                ctx={"runtime": self.runtime},
+            )
+            for shard in range(pool.shards)
+        ]
+        self._by_queue = {w.queue_name: w for w in self.workers}
+        background = [
+            asyncio.create_task(self.leases.renew_forever(), name="lease-renewal"),
+            asyncio.create_task(self._listen_for_wakeups(), name="wakeups"),
+            asyncio.create_task(self._write_status_forever(), name="status"),
+        ]
+        mains = [asyncio.create_task(w.main(), name=f"shard-{w.shard}") for w in self.workers]
+        self.state = "serving"
+        log.info("worker serving", queues=len(self.workers), concurrency=pool.concurrency,
+                 tasks=sorted(self.registry.names()))
+        exit_code = EXIT_OK
+        try:
+            exit_code = await self._run_until_stopped(mains)
+        finally:
+            await self._drain(mains, background)
+            with contextlib.suppress(RedisError, OSError):
+                await redis.aclose()
+        log.info("worker stopped", jobs_served=self.jobs_served, exit_code=exit_code)
+        return exit_code
+
+    async def _run_until_stopped(self, mains: list[asyncio.Task[None]]) -> int:
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        try:
+            while True:
+                reload_wait = asyncio.ensure_future(self._reload.wait())
+                done, _ = await asyncio.wait([stop_wait, reload_wait, *mains],
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if stop_wait in done:
+                    reload_wait.cancel()
+                    return EXIT_OK
+                crashed = [t for t in mains if t in done]
+                if crashed:
+                    reload_wait.cancel()
+                    for task in crashed:
+                        exc = None if task.cancelled() else task.exception()
+                        log.error("shard loop crashed", task=task.get_name(), error=repr(exc))
+                    return EXIT_CRASH
+                self._reload.clear()
+                self.reload_config()
+        finally:
+            stop_wait.cancel()
+
+    def reload_config(self) -> None:
+        try:
+            new = load_config(self.settings.config)
+        except ConfigError as exc:
+            log.error("quota file reload refused; keeping the running config", errors=exc.errors)
+            return
+        if self.pool_name not in new.pools:
+            log.warning("reloaded quota file no longer has this pool; keeping it until replaced")
+            return
+        self.config = new
+        self.runtime.config = new
+        log.info("quota file reloaded", tenants=len(new.tenants))
+
+    async def _drain(self, mains: list[asyncio.Task[None]], background: list[asyncio.Task[Any]]) -> None:
+        self.state = "draining"
+        for worker in self.workers:
+            worker.stop_picking()
+        self.gate.close()
+        running = sum(w.running for w in self.workers)
+        grace = self.settings.shutdown_grace
+        log.info("draining", running=running, grace_s=grace)
+        self._write_status()
+        idle = asyncio.gather(*(w.wait_idle() for w in self.workers))
+        try:
+            await asyncio.wait_for(asyncio.shield(idle), grace)
+        except TimeoutError:
+            cancelled = sum(w.cancel_running() for w in self.workers)
+            log.warning("grace period over; cancelled running jobs, they will run again", cancelled=cancelled)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(idle, 10)
+        for worker in self.workers:
+            with contextlib.suppress(RedisError, OSError):
+                await worker.requeue_orphans()
+        for task in mains + background:
+            task.cancel()
+        await asyncio.gather(*mains, *background, return_exceptions=True)
+        if self._lease_releases:
+            await asyncio.gather(*self._lease_releases, return_exceptions=True)
+        await self.leases.release_all()
+        self.state = "stopped"
+        self._write_status()
+
+    # -- jobs ------------------------------------------------------------------------------------------
+
+    async def _admit(self, tenant_id: str, job_id: str) -> bool:
+        limit = self.runtime.config.limits_of(tenant_id).max_concurrency
+        if limit is None:
+            return True
+        if await self.leases.acquire(tenant_id, job_id, limit):
+            return True
+        metrics.JOBS_DEFERRED.labels(self.pool_name, metrics.tenant_label(self.runtime.config, tenant_id)).inc()
+        log.debug("tenant at max_concurrency; job deferred", tenant_id=tenant_id, job_id=job_id, limit=limit)
+        return False
+
+    def _job_done(self, job_id: str, tenant_id: str | None) -> None:
+        self.jobs_served += 1
+        task = asyncio.create_task(self._release_lease(job_id))
+        self._lease_releases.add(task)
+        task.add_done_callback(self._lease_releases.discard)
+
+    async def _release_lease(self, job_id: str) -> None:
+        try:
+            await self.leases.release(job_id)
+        except (RedisError, OSError) as exc:
+            # The lease lapses by itself after its TTL.
+            log.warning("tenant lease release failed", job_id=job_id, error=str(exc))
+
+    # -- wake-ups and status ---------------------------------------------------------------------------
+
+    async def _listen_for_wakeups(self) -> None:
+        channel = keys.wakeup_channel(self.pool_name)
+        backoff = 0.5
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                backoff = 0.5
+                # A missed wake-up only costs a poll interval; after (re)subscribing, poll everything once.
+                for worker in self.workers:
+                    worker.wake()
+                async for message in pubsub.listen():
+                    data = message.get("data")
+                    queue = data.decode() if isinstance(data, bytes) else str(data)
+                    target = self._by_queue.get(queue)
+                    if target is not None:
+                        target.wake()
+            except (RedisError, OSError):
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(), "pool": self.pool_name, "slot": self.slot, "state": self.state,
+            "ts": time.time(), "started_at": self.started_at, "jobs_served": self.jobs_served,
+            "running": sum(w.running for w in getattr(self, "workers", [])),
+            "redis_ok": all(w.redis_healthy for w in getattr(self, "workers", [])),
+        }
+
+    def _write_status(self) -> None:
+        if self.status_file is None:
+            return
+        tmp = self.status_file.with_name(self.status_file.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.status()))
+            os.replace(tmp, self.status_file)
+        except OSError as exc:
+            log.warning("cannot write status file", path=str(self.status_file), error=str(exc))
+
+    async def _write_status_forever(self) -> None:
+        while True:
+            self._write_status()
+            await asyncio.sleep(STATUS_INTERVAL_S)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m agentworker.pools.worker",
+                                     description="Serve every shard queue of one pool.")
+    parser.add_argument("--config", help="quota file (default: AGENTWORKER_CONFIG, else the packaged one)")
+    parser.add_argument("--pool", required=True, help="pool to serve")
+    parser.add_argument("--slot", type=int, default=0, help="slot number of this process in its pool")
+    parser.add_argument("--status-file", type=Path, help="heartbeat/status JSON file to keep fresh")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = Settings.from_env(config=args.config)
+        config = load_config(settings.config)
+    except (ConfigError, SettingsError) as exc:
+        print(f"agentworker worker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.pool not in config.pools:
+        print(f"agentworker worker: pool {args.pool!r} is not in the quota file "
+              f"(pools: {', '.join(sorted(config.pools))})", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level, settings.log_format, pool=args.pool, slot=args.slot)
+    try:
+        registry = load_task_modules(settings.task_modules)
+    except ImportError as exc:
+        print(f"agentworker worker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    process = WorkerProcess(settings=settings, config=config, pool=args.pool, slot=args.slot,
+                            registry=registry, status_file=args.status_file)
+    return run_event_loop(process.serve())
+
+
+def run_event_loop(main_coro: Any) -> int:
+    """Run on uvloop where it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        return int(asyncio.run(main_coro))
+    return int(uvloop.run(main_coro))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Process settings from ``AGENTWORKER_*`` environment variables.
+
+The quota file (:mod:`agentworker.config`) says *what* each tenant and pool may do; these settings say
+*where* the services are and how the processes behave. URLs and secrets live here, never in the quota
+file (which is a ConfigMap anyone with read access to the namespace can see).
+
+=====================================  ==============================  ==========================================
+variable                               default                         meaning
+=====================================  ==============================  ==========================================
+AGENTWORKER_CONFIG                     packaged default_quotas.yaml    the quota file
+AGENTWORKER_REDIS_URL                  redis://127.0.0.1:6379/0        Redis for queues, events, leases
+AGENTWORKER_DATABASE_URL               postgresql://postgres@127.0.0.1:5432/postgres   PostgreSQL
+AGENTWORKER_LOG_LEVEL                  info                            debug, info, warning, error
+AGENTWORKER_LOG_FORMAT                 json                            json (one object per line) or console
+AGENTWORKER_SHUTDOWN_GRACE             25                              seconds running jobs get to finish on
+                                                                       SIGTERM before they are re-queued
+AGENTWORKER_POLL_INTERVAL              0.5                             seconds between queue polls of an idle
+                                                                       worker
+AGENTWORKER_KEEP_RESULT                86400                           seconds a result (and so an idempotency
+                                                                       key) is kept
+AGENTWORKER_MAX_PAYLOAD_BYTES          1048576                         largest accepted job payload (JSON)
+AGENTWORKER_TENANT_LEASE_TTL           30                              seconds a tenant concurrency lease lives
+                                                                       unless renewed (a killed holder's slot
+                                                                       comes back after at most this)
+AGENTWORKER_EVENT_STREAM_MAXLEN        10000                           events kept per tenant stream (approx.)
+AGENTWORKER_TASK_MODULES               (none)                          extra comma-separated modules whose
+                                                                       @task functions workers serve
+AGENTWORKER_ADMIN_TOKEN                (none)                          bearer token of /admin/*; unset = off
+=====================================  ==============================  ==========================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "AGENTWORKER_"
+
+
+class SettingsError(ValueError):
+    """An ``AGENTWORKER_*`` variable holds a value that cannot be used."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    config: str | None = None
+    log_level: str = "info"
+    log_format: str = "json"
+    shutdown_grace: float = 25.0
+    poll_interval: float = 0.5
+    keep_result: float = 86_400.0
+    max_payload_bytes: int = 1_048_576
+    tenant_lease_ttl: float = 30.0
+    event_stream_maxlen: int = 10_000
+    task_modules: tuple[str, ...] = field(default_factory=tuple)
+    admin_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``AGENTWORKER_*`` variables; ``overrides`` (e.g. from CLI flags) win over them."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(name, raw, f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise SettingsError(f"AGENTWORKER_LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
+        if self.log_format not in ("json", "console"):
+            raise SettingsError(f"AGENTWORKER_LOG_FORMAT={self.log_format!r}: use json or console")
+        for name in ("shutdown_grace", "keep_result"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
+        for name in ("poll_interval", "tenant_lease_ttl"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be > 0")
+        if self.max_payload_bytes < 1024:
+            raise SettingsError("AGENTWORKER_MAX_PAYLOAD_BYTES must be >= 1024")
+        if self.event_stream_maxlen < 1:
+            raise SettingsError("AGENTWORKER_EVENT_STREAM_MAXLEN must be >= 1")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("AGENTWORKER_REDIS_URL must start with redis://, rediss:// or unix://")
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    kind = str(kind)
+    try:
+        if kind.startswith("float"):
+            return float(raw)
+        if kind.startswith("int"):
+            return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if kind.startswith("tuple"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw

@@ -1,0 +1,216 @@
+"""The envelope every job runs in, between ARQ and the task function.
+
+It checks the job belongs where it came from (its id, its payload's tenant and the queue it was read
+from must agree with the routing rule), binds the tenant and job to the logs, applies the job timeout
+(the pool's, tightened by the tenant's and the task's), publishes the lifecycle events and records the
+metrics. Whatever the task does, a bad job ends as a failed job with a reason; the worker goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from arq.worker import Retry
+from redis.exceptions import RedisError
+
+from agentworker import metrics
+from agentworker.jobs import JobId, error_record
+from agentworker.logs import get_logger
+from agentworker.routing import InvalidTenantId, route_tenant, validate_tenant_id
+from agentworker.tasks.context import JobContext, JobRuntime
+from agentworker.tasks.registry import PayloadError, Task
+
+log = get_logger("agentworker.job")
+
+ArqJobFunction = Callable[..., Awaitable[Any]]
+
+_PREVIEW_CHARS = 2000
+
+
+class JobRejected(Exception):
+    """The job was refused before its task ran (misrouted, malformed, unknown task)."""
+
+
+class JobTimedOut(Exception):
+    """The job ran past its timeout and was cancelled."""
+
+
+def _result_preview(result: Any) -> Any:
+    text = json.dumps(result, default=str)
+    return result if len(text) <= _PREVIEW_CHARS else text[:_PREVIEW_CHARS] + "…"
+
+
+def _event_tenant(job_id: str, payload_tenant: object) -> str | None:
+    """The tenant whose channel may hear about a bad job: the job id's, else the payload's, if valid."""
+    for candidate in (job_id.split(":", 1)[0], payload_tenant):
+        try:
+            return validate_tenant_id(candidate)
+        except InvalidTenantId:
+            continue
+    return None
+
+
+async def _publish(runtime: JobRuntime, tenant_id: str, event: str, data: dict[str, Any]) -> None:
+    try:
+        await runtime.events.publish(tenant_id, event, data)
+    except (RedisError, OSError) as exc:
+        # An event lost to a Redis blip must not change the job's outcome.
+        log.warning("event not published", event_name=event, error=str(exc))
+
+
+def misrouting_reason(runtime: JobRuntime, job_id: str, task: str, tenant_id: object, queue: str) -> str | None:
+    """Why this job may not run here, or None if it may."""
+    try:
+        validate_tenant_id(tenant_id)
+    except InvalidTenantId as exc:
+        return str(exc)
+    assert isinstance(tenant_id, str)
+    try:
+        parsed = JobId.parse(job_id)
+    except ValueError as exc:
+        return str(exc)
+    if parsed.tenant_id != tenant_id:
+        return f"job id names tenant {parsed.tenant_id!r} but the payload's tenant_id is {tenant_id!r}"
+    if parsed.task != task:
+        return f"job id names task {parsed.task!r} but the job runs {task!r}"
+    route = route_tenant(runtime.config, tenant_id)
+    if route.queue != queue:
+        return f"tenant {tenant_id!r} routes to {route.queue}, not to {queue} where this job was found"
+    return None
+
+
+async def reject(runtime: JobRuntime, arq_ctx: dict[str, Any], reason: str, task: str | None,
+                 payload_tenant: object) -> None:
+    """Fail a job that may not run: log it, count it, tell its tenant, raise :class:`JobRejected`."""
+    job_id = arq_ctx["job_id"]
+    tenant = _event_tenant(job_id, payload_tenant)
+    log.warning("job rejected", job_id=job_id, tenant_id=tenant, task=task, reason=reason,
+                queue=arq_ctx.get("queue"))
+    metrics.JOBS_TOTAL.labels(runtime.pool, task or "unknown", "rejected").inc()
+    metrics.TENANT_JOBS_TOTAL.labels(runtime.pool, metrics.tenant_label(runtime.config, tenant),
+                                     "rejected").inc()
+    if tenant is not None:
+        await _publish(runtime, tenant, "job_rejected",
+                       {"job_id": job_id, "task": task, "try": arq_ctx.get("job_try"), "reason": reason})
+    raise JobRejected(reason)
+
+
+def make_reject_function() -> ArqJobFunction:
+    """The ARQ function that malformed jobs are decoded into (see ``jobs.WorkerJobDecoder``)."""
+
+    async def _reject(arq_ctx: dict[str, Any], reason: str, task: str | None = None,
+                      payload_tenant_id: str | None = None) -> None:
+        await reject(arq_ctx["runtime"], arq_ctx, reason, task, payload_tenant_id)
+
+    return _reject
+
+
+def make_job_function(task: Task) -> ArqJobFunction:
+    """The ARQ coroutine for ``task``: the task wrapped in the envelope."""
+
+    async def run(arq_ctx: dict[str, Any], **payload: Any) -> Any:
+        return await run_in_envelope(task, arq_ctx, payload)
+
+    run.__name__ = task.name
+    return run
+
+
+async def run_in_envelope(task: Task, arq_ctx: dict[str, Any], payload: dict[str, Any]) -> Any:
+    runtime: JobRuntime = arq_ctx["runtime"]
+    job_id: str = arq_ctx["job_id"]
+    queue: str = arq_ctx["queue"]
+    tenant_id = payload.get("tenant_id")
+    reason = misrouting_reason(runtime, job_id, task.name, tenant_id, queue)
+    if reason is not None:
+        await reject(runtime, arq_ctx, reason, task.name, tenant_id)
+    assert isinstance(tenant_id, str)
+
+    config = runtime.config
+    timeout = config.job_timeout_for(tenant_id)
+    if task.timeout is not None:
+        timeout = min(timeout, task.timeout)
+    job_try: int = arq_ctx.get("job_try") or 1
+    enqueue_ms = int(arq_ctx["enqueue_time"].timestamp() * 1000)
+    tenant_label = metrics.tenant_label(config, tenant_id)
+    bound = log.bind(tenant_id=tenant_id, job_id=job_id, task=task.name)
+    ctx = JobContext(
+        tenant_id=tenant_id, job_id=job_id, task=task.name, job_try=job_try, queue=queue,
+        shard=arq_ctx["shard"], enqueue_time_ms=enqueue_ms, timeout=timeout, runtime=runtime, log=bound,
+    )
+    try:
+        task.check_payload(ctx, payload)
+    except PayloadError as exc:
+        await reject(runtime, arq_ctx, str(exc), task.name, tenant_id)
+
+    base = {"job_id": job_id, "task": task.name, "try": job_try}
+    wait_s = max(0.0, time.time() - arq_ctx["score"] / 1000)
+    metrics.JOB_QUEUE_WAIT.labels(runtime.pool).observe(wait_s)
+    in_progress = metrics.JOBS_IN_PROGRESS.labels(runtime.pool)
+    tenant_in_progress = metrics.TENANT_JOBS_IN_PROGRESS.labels(runtime.pool, tenant_label)
+    in_progress.inc()
+    tenant_in_progress.inc()
+    outcome = "failure"
+    started = time.monotonic()
+    with structlog.contextvars.bound_contextvars(tenant_id=tenant_id, job_id=job_id, task=task.name):
+        bound.info("job started", try_number=job_try, queue_wait_s=round(wait_s, 4), timeout_s=timeout)
+        await _publish(runtime, tenant_id, "job_started", base)
+        try:
+            deadline = asyncio.timeout(timeout)
+            try:
+                async with deadline:
+                    result = await task.func(ctx, **payload)
+            except TimeoutError:
+                # A TimeoutError the task raised itself (not our deadline) is a failure like any other.
+                if not deadline.expired():
+                    raise
+                outcome = "timeout"
+                message = f"{task.name} timed out after {timeout:g}s"
+                bound.warning("job timed out", timeout_s=timeout)
+                await _publish(runtime, tenant_id, "job_timed_out", {**base, "timeout": timeout})
+                raise JobTimedOut(message) from None
+            try:
+                json.dumps(result)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"task {task.name!r} returned a value that is not JSON: {exc}") from None
+        except JobTimedOut:
+            raise
+        except Retry as exc:
+            outcome = "retry"
+            defer = (exc.defer_score or 0) / 1000
+            bound.info("job will be retried", defer_s=defer)
+            await _publish(runtime, tenant_id, "job_retrying", {**base, "defer": defer})
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            bound.info("job cancelled; it will run again")
+            raise
+        except Exception as exc:
+            max_tries = runtime.config.pools[runtime.pool].max_tries
+            if isinstance(exc, task.retry_on) and job_try < max_tries:
+                outcome = "retry"
+                defer = min(300.0, 2.0 ** job_try)
+                bound.warning("job failed, will be retried", error=repr(exc), defer_s=defer)
+                await _publish(runtime, tenant_id, "job_retrying",
+                               {**base, "defer": defer, **error_record(exc)})
+                raise Retry(defer=defer) from exc
+            outcome = "failure"
+            bound.exception("job failed")
+            await _publish(runtime, tenant_id, "job_failed", {**base, **error_record(exc)})
+            raise
+        else:
+            outcome = "success"
+            duration = time.monotonic() - started
+            bound.info("job completed", duration_s=round(duration, 4))
+            await _publish(runtime, tenant_id, "job_completed", {**base, "result": _result_preview(result)})
+            return result
+        finally:
+            in_progress.dec()
+            tenant_in_progress.dec()
+            metrics.JOBS_TOTAL.labels(runtime.pool, task.name, outcome).inc()
+            metrics.TENANT_JOBS_TOTAL.labels(runtime.pool, tenant_label, outcome).inc()
+            metrics.JOB_DURATION.labels(runtime.pool, task.name).observe(time.monotonic() - started)

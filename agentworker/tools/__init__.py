@@ -1,0 +1,1 @@
+"""Tenant-scoped tools (email, calendar, CRM) served to agents over MCP."""
