@@ -1,0 +1,227 @@
+"""Shared fixtures: a private Redis server per test session, quota files, worker subprocesses.
+
+Each test session starts its own ``redis-server`` on a free loopback port (ARQ's job keys are global
+per database, so sharing the machine's Redis would let runs collide), and every test starts from an
+empty database. ``AGENTWORKER_TEST_REDIS_URL`` points the tests at an existing server instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as sync_redis
+import yaml
+from redis.asyncio import Redis
+
+from agentworker.client import AgentWorkerClient
+from agentworker.config import load_config
+from agentworker.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private redis-server process (also used to simulate outages: stop() and start())."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="aw-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server binary not found")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir, "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = sync_redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except sync_redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    external = os.environ.get("AGENTWORKER_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    server = RedisServer()
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    client = sync_redis.Redis.from_url(redis_server)
+    client.flushdb()
+    client.close()
+    return redis_server
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+BASIC_QUOTAS: dict[str, Any] = {
+    "default_pool": "standard",
+    "pools": {
+        "standard": {"shards": 4, "processes": 1, "concurrency": 10, "job_timeout": 30},
+        "premium": {"shards": 2, "processes": 1, "concurrency": 10, "job_timeout": 60},
+    },
+    "tenants": {},
+}
+
+
+@pytest.fixture
+def write_quotas(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
+    def write(data: dict[str, Any], name: str = "quotas.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def quota_file(write_quotas: Callable[[dict[str, Any]], Path]) -> Path:
+    return write_quotas(BASIC_QUOTAS)
+
+
+def make_client(redis_url: str, config_path: Path, **settings: Any) -> AgentWorkerClient:
+    return AgentWorkerClient.from_settings(Settings(redis_url=redis_url, config=str(config_path), **settings),
+                                           config=load_config(config_path))
+
+
+def worker_env(redis_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTWORKER_", "PROMETHEUS_"))}
+    env.update({
+        "AGENTWORKER_REDIS_URL": redis_url,
+        "AGENTWORKER_TASK_MODULES": "tests.probe_tasks",
+        "AGENTWORKER_POLL_INTERVAL": "0.2",
+        "AGENTWORKER_LOG_LEVEL": "info",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    })
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    """A real ``python -m agentworker.pools.worker`` subprocess with its log captured to a file."""
+
+    def __init__(self, config: Path, pool: str, slot: int, env: dict[str, str], log_dir: Path) -> None:
+        self.log_path = log_dir / f"worker-{pool}-{slot}-{time.monotonic_ns()}.log"
+        self.status_path = log_dir / f"status-{pool}-{slot}-{time.monotonic_ns()}.json"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agentworker.pools.worker", "--config", str(config), "--pool", pool,
+             "--slot", str(slot), "--status-file", str(self.status_path)],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_serving(self, timeout: float = 30) -> None:
+        await wait_for(lambda: '"worker serving"' in self.log() or self.proc.poll() is not None, timeout,
+                       what=f"worker {self.pid} to serve")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+
+    async def wait_exit(self, timeout: float = 30) -> int:
+        await wait_for(lambda: self.proc.poll() is not None, timeout, what=f"worker {self.pid} to exit")
+        return int(self.proc.returncode)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def spawn_worker(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def spawn(config: Path, pool: str = "standard", slot: int = 0, **env: str) -> WorkerProcess:
+        proc = WorkerProcess(config, pool, slot, worker_env(redis_url, **env), tmp_path)
+        started.append(proc)
+        return proc
+
+    yield spawn
+    for proc in started:
+        proc.stop()
+
+
+async def wait_for(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10, *,
+                   what: str = "condition", interval: float = 0.02) -> None:
+    """Wait until ``condition()`` is true, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
