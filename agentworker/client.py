@@ -120,7 +120,7 @@ class JobHandle:
             return JobStatus.NOT_FOUND
         return JobStatus.DEFERRED if score > time.time() * 1000 else JobStatus.QUEUED
 
-    async def result(self, timeout: float | None = None, *, poll_interval: float = 0.25) -> Any:  # noqa: ASYNC109
+    async def result(self, timeout: float | None = None, *, poll_interval: float = 0.25) -> Any:
         """Wait for the job to finish; return its result or raise :class:`JobFailed`.
 
         Raises :class:`ResultTimeout` if ``timeout`` seconds pass first. Polls the result key with a

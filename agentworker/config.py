@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -127,39 +127,6 @@ class QuotaConfig(_Strict):
     tenants: dict[str, TenantQuota] = Field(default_factory=dict)
     tenant_defaults: TenantLimits = Field(default_factory=TenantLimits)
 
-    @model_validator(mode="after")
-    def _check_references(self) -> QuotaConfig:
-        problems: list[tuple[str, str]] = []
-        for name in self.pools:
-            if not _NAME_RE.fullmatch(name):
-                problems.append((f"pools.{name}", f"pool name must match {NAME_PATTERN}"))
-        if self.default_pool not in self.pools:
-            problems.append(("default_pool", f"names pool {self.default_pool!r}, which is not defined"))
-        for tenant_id, quota in self.tenants.items():
-            where = f"tenants.{tenant_id}"
-            if not _NAME_RE.fullmatch(tenant_id):
-                problems.append((where, f"tenant id must match {NAME_PATTERN}"))
-            pool_name = quota.pool or self.default_pool
-            pool = self.pools.get(pool_name)
-            if pool is None:
-                if quota.pool is not None:
-                    problems.append((f"{where}.pool", f"names pool {pool_name!r}, which is not defined"))
-                continue
-            if quota.job_timeout is not None and quota.job_timeout > pool.job_timeout:
-                problems.append((f"{where}.job_timeout",
-                                 f"{quota.job_timeout:g}s is above pool {pool_name!r}'s job_timeout "
-                                 f"{pool.job_timeout:g}s"))
-        defaults = self.tenant_defaults
-        if defaults.job_timeout is not None:
-            for pool_name, pool in self.pools.items():
-                if defaults.job_timeout > pool.job_timeout:
-                    problems.append(("tenant_defaults.job_timeout",
-                                     f"{defaults.job_timeout:g}s is above pool {pool_name!r}'s job_timeout "
-                                     f"{pool.job_timeout:g}s"))
-        if problems:
-            raise _ReferenceErrors(problems)
-        return self
-
     def pool_of(self, tenant_id: str) -> str:
         quota = self.tenants.get(tenant_id)
         return (quota.pool if quota and quota.pool else None) or self.default_pool
@@ -180,10 +147,53 @@ class QuotaConfig(_Strict):
         return min(pool_timeout, tenant_timeout) if tenant_timeout else pool_timeout
 
 
-class _ReferenceErrors(ValueError):
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(f"{p}: {m}" for p, m in problems))
+def _as_number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _reference_problems(data: dict[str, Any]) -> list[str]:
+    """Problems across keys (undefined pools, timeouts above the pool's, bad names), checked on the raw
+    data so they are reported together with per-field errors rather than after those are fixed."""
+    problems: list[str] = []
+    pools = data.get("pools") if isinstance(data.get("pools"), dict) else {}
+    assert isinstance(pools, dict)
+    default_pool = data.get("default_pool", QuotaConfig.model_fields["default_pool"].default)
+
+    def pool_timeout(name: str) -> float:
+        raw = pools.get(name)
+        value = _as_number(raw.get("job_timeout")) if isinstance(raw, dict) else None
+        return value if value is not None else float(PoolQuota.model_fields["job_timeout"].default)
+
+    for name in pools:
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            problems.append(f"pools.{name}: pool name must match {NAME_PATTERN}")
+    if pools and default_pool not in pools:
+        problems.append(f"default_pool: names pool {default_pool!r}, which is not defined")
+    tenants = data.get("tenants") if isinstance(data.get("tenants"), dict) else {}
+    assert isinstance(tenants, dict)
+    for tenant_id, quota in tenants.items():
+        where = f"tenants.{tenant_id}"
+        if not isinstance(tenant_id, str) or not _NAME_RE.fullmatch(tenant_id):
+            problems.append(f"{where}: tenant id must match {NAME_PATTERN}")
+        if not isinstance(quota, dict):
+            continue
+        pool_name = quota.get("pool") or default_pool
+        if pool_name not in pools:
+            if quota.get("pool") is not None:
+                problems.append(f"{where}.pool: names pool {pool_name!r}, which is not defined")
+            continue
+        timeout = _as_number(quota.get("job_timeout"))
+        if timeout is not None and timeout > pool_timeout(pool_name):
+            problems.append(f"{where}.job_timeout: {timeout:g}s is above pool {pool_name!r}'s job_timeout "
+                            f"{pool_timeout(pool_name):g}s")
+    defaults = data.get("tenant_defaults")
+    default_timeout = _as_number(defaults.get("job_timeout")) if isinstance(defaults, dict) else None
+    if default_timeout is not None:
+        for pool_name in pools:
+            if default_timeout > pool_timeout(pool_name):
+                problems.append(f"tenant_defaults.job_timeout: {default_timeout:g}s is above pool "
+                                f"{pool_name!r}'s job_timeout {pool_timeout(pool_name):g}s")
+    return problems
 
 
 _MESSAGES: dict[str, str] = {
@@ -204,14 +214,12 @@ def _format_pydantic_error(error: Any) -> list[str]:
     loc = ".".join(str(part) for part in error["loc"])
     kind = error["type"]
     ctx = error.get("ctx") or {}
-    if kind == "value_error" and isinstance(ctx.get("error"), _ReferenceErrors):
-        return [f"{path}: {message}" for path, message in ctx["error"].problems]
     if kind == "greater_than_equal":
-        message = f"must be >= {ctx['ge']}"
+        message = f"must be >= {ctx['ge']:g}"
     elif kind == "greater_than":
-        message = f"must be > {ctx['gt']}"
+        message = f"must be > {ctx['gt']:g}"
     elif kind == "less_than_equal":
-        message = f"must be <= {ctx['le']}"
+        message = f"must be <= {ctx['le']:g}"
     elif kind == "value_error":
         message = str(ctx.get("error", error["msg"]))
     else:
@@ -226,13 +234,17 @@ def parse_config(data: Any, *, source: str = "<quota file>") -> QuotaConfig:
     """Validate already-parsed YAML data; raise :class:`ConfigError` listing every problem."""
     if not isinstance(data, dict):
         raise ConfigError(source, ["(top level): must be a mapping with a 'pools' key"])
+    errors: list[str] = []
+    config: QuotaConfig | None = None
     try:
-        return QuotaConfig.model_validate(data)
+        config = QuotaConfig.model_validate(data)
     except ValidationError as exc:
-        errors: list[str] = []
         for error in exc.errors():
             errors.extend(_format_pydantic_error(error))
-        raise ConfigError(source, errors) from None
+    errors.extend(_reference_problems(data))
+    if errors or config is None:
+        raise ConfigError(source, errors)
+    return config
 
 
 def load_config_text(text: str, *, source: str = "<quota file>") -> QuotaConfig:

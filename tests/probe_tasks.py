@@ -53,7 +53,7 @@ async def probe_effect(ctx: JobContext, tenant_id: str, name: str, seconds: floa
 @task()
 async def probe_block(ctx: JobContext, tenant_id: str, seconds: float) -> float:
     """Block the event loop (synchronous sleep), as badly written blocking code would."""
-    time.sleep(seconds)
+    time.sleep(seconds)  # noqa: ASYNC251 - blocking on purpose
     return seconds
 
 
