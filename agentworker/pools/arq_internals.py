@@ -9,8 +9,9 @@ found and claimed:
 * ``main``: a poll loop that survives Redis errors (backing off) and wakes early on :meth:`wake`;
 * ``_poll_iteration``: reads due job ids only when the process has room, and reads past jobs it had to
   skip so a capped tenant at the head of a queue cannot hide the jobs behind it;
-* ``start_jobs``: takes a slot of the shared :class:`~agentworker.pools.gate.ConcurrencyGate`, the
-  tenant's lease, then claims the job in one Lua round trip (ARQ uses a WATCH/MULTI of four).
+* ``start_jobs``: takes a slot of the shared :class:`~agentworker.pools.gate.ConcurrencyGate`, then
+  claims the job and its tenant's lease in one Lua round trip (ARQ's claim alone is a WATCH/MULTI of
+  four); a tenant at its cap leaves the job queued without spending a try.
 
 Attributes of ``arq.worker.Worker`` relied on, checked by ``tests/test_arq_internals.py``:
 ``pool``, ``queue_name``, ``tasks``, ``job_counter``, ``allow_pick_jobs``, ``in_progress_timeout_s``,
@@ -24,7 +25,7 @@ import asyncio
 import contextlib
 import functools
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -37,24 +38,40 @@ from agentworker import keys
 from agentworker.jobs import in_progress_key
 from agentworker.logs import get_logger
 from agentworker.pools.gate import ConcurrencyGate
+from agentworker.pools.leases import TenantLeases
 
 log = get_logger("agentworker.worker")
 
-# Claim a due job: refuse if already running elsewhere, gone, or re-deferred; else mark it in progress
-# for ARQ's in-progress TTL and drop it from its tenant's pending set. Returns the job's score or nil.
+# Claim a due job in one round trip: refuse it if it is already running (its in-progress key exists),
+# gone, or re-deferred; refuse it with 'cap' if its tenant already holds max_concurrency live leases;
+# else mark it in progress for ARQ's in-progress TTL, take a tenant lease, and drop it from the tenant's
+# pending set. Returns the job's score, 'cap', or nil. The lease check and the claim are one script so two
+# processes cannot both take the tenant's last slot, and no lease is taken for a job someone else runs.
 _CLAIM_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+local limit = tonumber(ARGV[4])
+if limit > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local ttl = tonumber(ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  if redis.call('ZCARD', KEYS[4]) >= limit then return 'cap' end
+  redis.call('ZADD', KEYS[4], now + ttl, ARGV[6])
+  redis.call('PEXPIRE', KEYS[4], ttl * 2)
+end
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[3])
 if KEYS[3] then redis.call('ZREM', KEYS[3], ARGV[1]) end
 return score
 """
 
-#: (tenant id, job id) -> True to run now, False to leave the job queued (tenant at its cap)
-AdmitJob = Callable[[str, str], Awaitable[bool]]
-#: called with (job id, tenant id or None) once a claimed job has finished, however it finished
-JobDone = Callable[[str, str | None], None]
+#: tenant id -> its max_concurrency, or None for no cap
+TenantCap = Callable[[str], int | None]
+#: called with the tenant id when one of its jobs is left queued because the tenant is at its cap
+JobDeferred = Callable[[str], None]
+#: called with the job id once a claimed job has finished, however it finished
+JobDone = Callable[[str], None]
 
 ARQ_WORKER_ATTRIBUTES: Sequence[str] = (
     "pool", "queue_name", "tasks", "job_counter", "allow_pick_jobs", "in_progress_timeout_s",
@@ -79,7 +96,9 @@ class ShardWorker(Worker):
         shard: int,
         redis: ArqRedis,
         gate: ConcurrencyGate,
-        admit: AdmitJob,
+        leases: TenantLeases,
+        tenant_cap: TenantCap,
+        on_deferred: JobDeferred,
         on_done: JobDone,
         max_jobs: int,
         job_timeout: float,
@@ -108,7 +127,9 @@ class ShardWorker(Worker):
         )
         self.shard = shard
         self.gate = gate
-        self._admit = admit
+        self.leases = leases
+        self._tenant_cap = tenant_cap
+        self._on_deferred = on_deferred
         self._on_done = on_done
         self._claim = redis.register_script(_CLAIM_LUA)
         self._wakeup = asyncio.Event()
@@ -186,50 +207,52 @@ class ShardWorker(Worker):
                 break
             job_id = raw.decode()
             tenant = tenant_of_job_id(job_id)
-            if tenant in at_cap:
+            # Jobs stay in the queue while they run: skip our own without queueing for a slot.
+            if tenant in at_cap or job_id in self.tasks:
                 skipped += 1
                 continue
             if not await self.gate.acquire(self.shard):
                 break
-            started = admitted = False
+            started = False
             try:
-                if tenant is not None:
-                    admitted = await self._admit(tenant, job_id)
-                    if not admitted:
-                        at_cap.add(tenant)
-                        skipped += 1
-                        continue
-                now = timestamp_ms()
                 claim_keys = [in_progress_key(job_id), self.queue_name]
+                cap = 0
                 if tenant is not None:
-                    claim_keys.append(keys.pending(tenant))
-                score = await self._claim(keys=claim_keys,
-                                          args=[job_id, now, int(self.in_progress_timeout_s * 1000)])
-                if score is None:
+                    claim_keys += [keys.pending(tenant), keys.tenant_leases(tenant)]
+                    cap = self._tenant_cap(tenant) or 0
+                reply = await self._claim(keys=claim_keys, args=[
+                    job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000), cap, self.leases.ttl_ms,
+                    self.leases.member(job_id)])
+                if reply is None:
                     skipped += 1
                     continue
+                if reply == b"cap" and tenant is not None:
+                    at_cap.add(tenant)
+                    skipped += 1
+                    self._on_deferred(tenant)
+                    continue
+                if cap and tenant is not None:
+                    self.leases.track(tenant, job_id)
                 self.job_counter += 1
-                task = asyncio.create_task(self.run_job(job_id, int(float(score))))
-                task.add_done_callback(functools.partial(self._job_finished, job_id=job_id, tenant=tenant))
+                task = asyncio.create_task(self.run_job(job_id, int(float(reply))))
+                task.add_done_callback(functools.partial(self._job_finished, job_id=job_id))
                 self.tasks[job_id] = task
                 started = True
             finally:
                 if not started:
                     self.gate.release()
-                    if admitted and tenant is not None:
-                        self._on_done(job_id, tenant)
         return skipped
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def _job_finished(self, task: asyncio.Task[Any], *, job_id: str, tenant: str | None) -> None:
+    def _job_finished(self, task: asyncio.Task[Any], *, job_id: str) -> None:
         if task.cancelled():
             # Cancelled before ARQ's run_job could catch it (while it read the job): ARQ left the
             # in-progress key, which would block the job until it expires. requeue_orphans() clears it.
             self.orphaned.append(job_id)
         self.job_counter -= 1
         self.gate.release()
-        self._on_done(job_id, tenant)
+        self._on_done(job_id)
 
     def _reap(self) -> None:
         for job_id, task in list(self.tasks.items()):

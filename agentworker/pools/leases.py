@@ -1,36 +1,26 @@
 """Tenant ``max_concurrency`` across every worker process and supervisor replica.
 
-A Redis sorted set per tenant holds one lease per running job (member: job id, score: expiry in ms of
-Redis' own clock). Acquiring prunes expired leases and adds one if fewer than the cap remain, in one
-script, so concurrent workers cannot overshoot. Holders renew their leases every third of the TTL; a
-holder killed with SIGKILL stops renewing and its lease lapses after at most the TTL, with nobody's
-help. A job that finds its tenant at the cap is left in its queue for a later poll (deferred, not
-failed, and without spending one of its tries).
+A Redis sorted set per tenant holds one lease per running job (member: ``{job id}@{holder}``, score:
+expiry in ms of Redis' own clock). Taking one prunes expired leases and adds one if fewer than the cap
+remain, in the same script that claims the job, so concurrent workers cannot overshoot. Holders renew
+their leases every third of the TTL; a holder killed with SIGKILL stops renewing and its lease lapses
+after at most the TTL, with nobody's help. A job that finds its tenant at the cap is left in its queue
+for a later poll (deferred, not failed, and without spending one of its tries).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
+import socket
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agentworker import keys
 from agentworker.logs import get_logger
-
-_ACQUIRE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ttl * 2)
-  return 1
-end
-return 0
-"""
 
 _RENEW_LUA = """
 local t = redis.call('TIME')
@@ -47,10 +37,14 @@ log = get_logger(__name__)
 
 
 class TenantLeases:
+    """The leases this process holds. They are taken atomically with the job's claim (see
+    ``pools/arq_internals.py``); this class renews and releases them."""
+
     def __init__(self, redis: Redis, ttl_s: float = 30.0) -> None:
         self.redis = redis
         self.ttl_ms = max(1, int(ttl_s * 1000))
-        self._acquire = redis.register_script(_ACQUIRE_LUA)
+        # Members are per holder, so a process that reads a job another one runs never touches its lease.
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._renew = redis.register_script(_RENEW_LUA)
         self._held: dict[str, str] = {}  # job id -> tenant
 
@@ -58,23 +52,22 @@ class TenantLeases:
     def held(self) -> int:
         return len(self._held)
 
-    async def acquire(self, tenant_id: str, job_id: str, limit: int) -> bool:
-        granted = bool(await self._acquire(keys=[keys.tenant_leases(tenant_id)],
-                                           args=[job_id, limit, self.ttl_ms]))
-        if granted:
-            self._held[job_id] = tenant_id
-        return granted
+    def member(self, job_id: str) -> str:
+        return f"{job_id}@{self.holder}"
+
+    def track(self, tenant_id: str, job_id: str) -> None:
+        self._held[job_id] = tenant_id
 
     async def release(self, job_id: str) -> None:
         tenant_id = self._held.pop(job_id, None)
         if tenant_id is not None:
-            await self.redis.zrem(keys.tenant_leases(tenant_id), job_id)
+            await self.redis.zrem(keys.tenant_leases(tenant_id), self.member(job_id))
 
     async def renew_all(self) -> None:
         held = list(self._held.items())
         if held:
             await self._renew(keys=[keys.tenant_leases(t) for _, t in held],
-                              args=[self.ttl_ms, *[job_id for job_id, _ in held]])
+                              args=[self.ttl_ms, *[self.member(job_id) for job_id, _ in held]])
 
     async def renew_forever(self) -> None:
         """Renew held leases every third of the TTL until cancelled; Redis errors are logged, not fatal."""

@@ -116,7 +116,8 @@ class WorkerProcess:
         self.workers = [
             ShardWorker(
                 functions=functions, queue_name=keys.queue(self.pool_name, shard), shard=shard, redis=redis,
-                gate=self.gate, admit=self._admit, on_done=self._job_done, max_jobs=pool.concurrency,
+                gate=self.gate, leases=self.leases, tenant_cap=self._tenant_cap, on_deferred=self._deferred,
+                on_done=self._job_done, max_jobs=pool.concurrency,
                 job_timeout=pool.job_timeout + 1, max_tries=pool.max_tries, keep_result=self.settings.keep_result,
                 poll_delay=self.settings.poll_interval, job_serializer=jobs.dumps, job_deserializer=decoder,
                 ctx={"runtime": self.runtime},
@@ -209,17 +210,14 @@ class WorkerProcess:
 
     # -- jobs ------------------------------------------------------------------------------------------
 
-    async def _admit(self, tenant_id: str, job_id: str) -> bool:
-        limit = self.runtime.config.limits_of(tenant_id).max_concurrency
-        if limit is None:
-            return True
-        if await self.leases.acquire(tenant_id, job_id, limit):
-            return True
-        metrics.JOBS_DEFERRED.labels(self.pool_name, metrics.tenant_label(self.runtime.config, tenant_id)).inc()
-        log.debug("tenant at max_concurrency; job deferred", tenant_id=tenant_id, job_id=job_id, limit=limit)
-        return False
+    def _tenant_cap(self, tenant_id: str) -> int | None:
+        return self.runtime.config.limits_of(tenant_id).max_concurrency
 
-    def _job_done(self, job_id: str, tenant_id: str | None) -> None:
+    def _deferred(self, tenant_id: str) -> None:
+        metrics.JOBS_DEFERRED.labels(self.pool_name, metrics.tenant_label(self.runtime.config, tenant_id)).inc()
+        log.debug("tenant at max_concurrency; job deferred", tenant_id=tenant_id)
+
+    def _job_done(self, job_id: str) -> None:
         self.jobs_served += 1
         task = asyncio.create_task(self._release_lease(job_id))
         self._lease_releases.add(task)
