@@ -60,3 +60,11 @@ async def probe_block(ctx: JobContext, tenant_id: str, seconds: float) -> float:
 @task()
 async def probe_fail(ctx: JobContext, tenant_id: str, message: str = "boom") -> None:
     raise RuntimeError(message)
+
+
+@task(retry_on=(ConnectionError,))
+async def probe_flaky(ctx: JobContext, tenant_id: str, failures: int) -> int:
+    """Fail with a retryable error on the first ``failures`` tries, then succeed; return the try number."""
+    if ctx.job_try <= failures:
+        raise ConnectionError(f"transient failure on try {ctx.job_try}")
+    return ctx.job_try
