@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint deploy-check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check agentworker tests
+	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# Offline validation of deploy/: needs kubectl (or kustomize) and promtool (Debian package 'prometheus').
+deploy-check: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[deploy]'
+	$(BIN)/python deploy/check.py
 
 clean:
 	rm -rf $(VENV) .ci-venv .pytest_cache .mypy_cache .ruff_cache

@@ -39,6 +39,16 @@ JOBS_DEFERRED = Counter(
     "agentworker_jobs_deferred_total", "Job starts put off because the tenant was at its max_concurrency.",
     ["pool", "tenant"])
 
+LLM_REQUESTS_TOTAL = Counter(
+    "agentworker_llm_requests_total", "Chat model calls by outcome (success, timeout, error).",
+    ["provider", "model", "outcome"])
+LLM_REQUEST_DURATION = Histogram(
+    "agentworker_llm_request_duration_seconds", "Time chat model calls took.", ["provider", "model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60))
+LLM_TOKENS_TOTAL = Counter(
+    "agentworker_llm_tokens_total", "Tokens reported by providers (kind: input, output).",
+    ["provider", "model", "kind"])
+
 
 def tenant_label(config: QuotaConfig, tenant_id: str | None) -> str:
     return tenant_id if tenant_id and tenant_id in config.tenants else OTHER_TENANT
