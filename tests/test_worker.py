@@ -334,3 +334,19 @@ def test_worker_refuses_bad_arguments_in_one_line(quota_file: Path, tmp_path: Pa
                            "--pool", "standard"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert proc.returncode == 2
     assert "pools.standard.shards: must be >= 1" in proc.stderr
+
+
+async def test_an_idle_worker_starts_a_new_job_without_waiting_for_a_poll(
+        redis: Redis, redis_url: str, quota_file: Path, spawn_worker: Any) -> None:
+    # The fallback poll is 30 s: only the wake-up published by the enqueue script can start the job sooner.
+    worker = spawn_worker(quota_file, AGENTWORKER_POLL_INTERVAL="30")
+    await worker.wait_serving()
+    await asyncio.sleep(1.0)  # let the first polls pass so the worker is idle in its 30 s wait
+    async with make_client(redis_url, quota_file) as client:
+        for i in range(3):
+            enqueued = time.time()
+            job = await client.enqueue("echo", tenant_id=f"idle-{i}", payload={"message": "now"})
+            assert await job.result(timeout=20) == "now"
+            info = await job.info()
+            assert info is not None
+            assert info.start_time_ms / 1000 - enqueued < 10, "started by the wake-up, not the 30 s poll"
