@@ -26,6 +26,22 @@ AGENTWORKER_EVENT_STREAM_MAXLEN        10000                           events ke
 AGENTWORKER_TASK_MODULES               (none)                          extra comma-separated modules whose
                                                                        @task functions workers serve
 AGENTWORKER_ADMIN_TOKEN                (none)                          bearer token of /admin/*; unset = off
+AGENTWORKER_PORT                       8000                            HTTP port of the supervisor (``--port``)
+AGENTWORKER_HTTP_HOST                  0.0.0.0                         address the supervisor's HTTP port binds
+AGENTWORKER_RUN_DIR                    (a new temporary directory)     where workers write their status files
+AGENTWORKER_METRICS_DIR                (a new temporary directory)     prometheus multiprocess files of the
+                                                                       workers; emptied when the supervisor
+                                                                       starts: one directory per supervisor
+AGENTWORKER_READY_TIMEOUT              2                               seconds /ready waits for Redis and for
+                                                                       PostgreSQL before calling them down
+AGENTWORKER_RESTART_BACKOFF_INITIAL    0.5                             seconds before the first restart of a
+                                                                       slot; doubles on each quick failure
+AGENTWORKER_RESTART_BACKOFF_MAX        30                              ceiling of that delay; a slot that keeps
+                                                                       failing is retried this often, forever
+AGENTWORKER_CONFIG_POLL_INTERVAL       2                               seconds between checks of the quota
+                                                                       file's content (0 = no watching)
+AGENTWORKER_WORKER_START_TIMEOUT       60                              seconds a new worker has to write its
+                                                                       first heartbeat before it is hung
 =====================================  ==============================  ==========================================
 """
 
@@ -58,6 +74,15 @@ class Settings:
     event_stream_maxlen: int = 10_000
     task_modules: tuple[str, ...] = field(default_factory=tuple)
     admin_token: str | None = field(default=None, repr=False)
+    port: int = 8000
+    http_host: str = "0.0.0.0"  # all interfaces: the probes of Kubernetes come from outside the pod
+    run_dir: str | None = None
+    metrics_dir: str | None = None
+    ready_timeout: float = 2.0
+    restart_backoff_initial: float = 0.5
+    restart_backoff_max: float = 30.0
+    config_poll_interval: float = 2.0
+    worker_start_timeout: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -80,16 +105,21 @@ class Settings:
             raise SettingsError(f"AGENTWORKER_LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
         if self.log_format not in ("json", "console"):
             raise SettingsError(f"AGENTWORKER_LOG_FORMAT={self.log_format!r}: use json or console")
-        for name in ("shutdown_grace", "keep_result"):
+        for name in ("shutdown_grace", "keep_result", "config_poll_interval"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
-        for name in ("poll_interval", "tenant_lease_ttl"):
+        for name in ("poll_interval", "tenant_lease_ttl", "ready_timeout", "restart_backoff_initial",
+                     "worker_start_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be > 0")
         if self.max_payload_bytes < 1024:
             raise SettingsError("AGENTWORKER_MAX_PAYLOAD_BYTES must be >= 1024")
         if self.event_stream_maxlen < 1:
             raise SettingsError("AGENTWORKER_EVENT_STREAM_MAXLEN must be >= 1")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"AGENTWORKER_PORT={self.port}: must be from 0 to 65535")
+        if self.restart_backoff_max < self.restart_backoff_initial:
+            raise SettingsError("AGENTWORKER_RESTART_BACKOFF_MAX must be >= AGENTWORKER_RESTART_BACKOFF_INITIAL")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("AGENTWORKER_REDIS_URL must start with redis://, rediss:// or unix://")
 

@@ -1,0 +1,378 @@
+"""The reconcile loop: the one place that starts, stops and replaces worker processes.
+
+Signal handlers, the HTTP admin endpoint and the quota-file watcher only set flags or queue requests;
+each :meth:`Supervisor.turn` acts on them, then, in order:
+
+1. reaps every exited child (``waitpid(-1, WNOHANG)``; pids that are not ours are orphans, ignored);
+2. reads each worker's heartbeat file and RSS;
+3. per slot: a worker whose heartbeat is older than the pool's ``hang_timeout`` is hung (SIGTERM, then
+   SIGKILL after a short grace) and replaced; an empty slot starts a process once its backoff allows;
+   a worker over ``memory_limit_mb`` or past ``max_jobs_per_process``, or started with pool settings a
+   reload changed, gets a replacement first and drains only once the replacement serves;
+4. SIGKILLs whatever outlived its stop deadline.
+
+Turns are short and never wait on the network: Redis work (routing table, queue depths) happens in
+:mod:`agentworker.supervisor.observer`, so a Redis outage cannot stall process supervision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from agentworker.config import ConfigError, PoolQuota, QuotaConfig
+from agentworker.logs import get_logger
+from agentworker.settings import Settings
+from agentworker.supervisor import process
+from agentworker.supervisor.backoff import STABLE_AFTER, RestartBackoff
+from agentworker.supervisor.metrics_archive import MetricsArchive
+from agentworker.supervisor.process import ExitRecord, WorkerHandle
+from agentworker.supervisor.reload import QuotaFileWatch, ReloadResult, plan_reload, worker_settings_differ
+from agentworker.supervisor.slots import PoolState, WorkerSlot
+
+log = get_logger("agentworker.supervisor")
+
+TICK_S = 0.5
+#: SIGKILL a draining worker this long after its own shutdown grace has run out
+DRAIN_KILL_MARGIN_S = 5.0
+#: SIGKILL a hung worker this long after SIGTERM (its loop is blocked: it cannot drain anyway)
+HUNG_KILL_GRACE_S = 3.0
+RESTART_REASONS = ("exit", "crash", "hung", "memory", "recycle", "reload")
+
+Spawner = Callable[[list[str], dict[str, str]], int]
+
+
+class Supervisor:
+    """Keeps ``processes`` workers per pool of the quota file, in numbered slots."""
+
+    def __init__(self, *, settings: Settings, watch: QuotaFileWatch, config: QuotaConfig, run_dir: Path,
+                 metrics: MetricsArchive, child_env: dict[str, str], spawner: Spawner = process.spawn) -> None:
+        """``config`` is what ``watch.load()`` returned: the watch compares later content with it."""
+        self.settings = settings
+        self.config = config
+        self.config_path = watch.path
+        self.run_dir = run_dir
+        self.metrics = metrics
+        self.child_env = child_env
+        self._spawn = spawner
+        self.watch = watch
+        self.pools: dict[str, PoolState] = {}
+        self.leaving: list[WorkerSlot] = []  # slots of removed pools or shrunk pools, draining
+        self.by_pid: dict[int, tuple[WorkerSlot, WorkerHandle]] = {}
+        self.restart_counts: dict[tuple[str, str], int] = {}
+        self.started_at = time.time()
+        self.last_turn = time.monotonic()
+        self.turns = 0
+        self.draining = False
+        self.drain_deadline: float | None = None
+        self.config_version = 1  # bumped on every applied reload (the observer republishes routing)
+        self.last_reload: ReloadResult | None = None
+        self._stop_requested = False
+        self._kill_requested = False
+        self._reload_requests: list[tuple[str, asyncio.Future[ReloadResult] | None]] = []
+        self._next_file_check = 0.0
+        self._wakeup = asyncio.Event()
+        self.finished = asyncio.Event()
+        for name, quota in config.pools.items():
+            self._add_pool(name, quota)
+
+    # -- requests (called by signal handlers and HTTP handlers: flags only) -----------------------------
+
+    def request_stop(self) -> None:
+        """SIGTERM/SIGINT: drain every worker and exit. A second request kills them at once."""
+        if self._stop_requested:
+            self._kill_requested = True
+        self._stop_requested = True
+        self.wake()
+
+    def request_reload(self, trigger: str) -> asyncio.Future[ReloadResult]:
+        """Queue a reload of the quota file; the future resolves once the loop has tried it."""
+        future: asyncio.Future[ReloadResult] = asyncio.get_running_loop().create_future()
+        self._reload_requests.append((trigger, future))
+        self.wake()
+        return future
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Turn until a requested stop has drained every worker."""
+        try:
+            while True:
+                try:
+                    self.turn()
+                except Exception:
+                    # A bug in one turn must not orphan every worker; /health shows a loop that stopped
+                    # turning, and the log shows why.
+                    log.exception("reconcile turn failed")
+                if self.draining and not any(True for _ in self.handles()):
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), TICK_S)
+                self._wakeup.clear()
+        finally:
+            self.finished.set()
+
+    def turn(self) -> None:
+        now = time.monotonic()
+        if self._stop_requested and not self.draining:
+            self._begin_shutdown(now)
+        if self._kill_requested:
+            self._kill_requested = False
+            for handle in self.handles():
+                if not handle.killed:
+                    log.warning("second stop request: killing worker", worker_pid=handle.pid, pool=handle.pool)
+                    handle.kill()
+        self._handle_reloads(now)
+        for pid, code in process.reap():
+            self._on_exit(pid, code)
+        for handle in self.handles():
+            handle.refresh()
+        if not self.draining:
+            for pool in self.pools.values():
+                for slot in pool.slots:
+                    self._reconcile_slot(pool, slot, now)
+        self._enforce_deadlines(time.monotonic())
+        self.leaving = [s for s in self.leaving if any(True for _ in s.handles())]
+        self.last_turn = time.monotonic()
+        self.turns += 1
+
+    # -- processes -------------------------------------------------------------------------------------
+
+    def handles(self) -> Iterator[WorkerHandle]:
+        for _slot, handle in list(self.by_pid.values()):
+            yield handle
+
+    def slots(self) -> Iterator[WorkerSlot]:
+        for pool in self.pools.values():
+            yield from pool.slots
+        yield from self.leaving
+
+    def _start(self, pool: PoolState, slot: WorkerSlot) -> WorkerHandle | None:
+        status_path = self.run_dir / f"{pool.name}-{slot.index}-{time.monotonic_ns()}.json"
+        argv = process.worker_argv(self.config_path, pool.name, slot.index, status_path)
+        try:
+            pid = self._spawn(argv, self.child_env)
+        except OSError as exc:
+            delay = slot.backoff.failed(0.0)
+            slot.next_start_at = slot.replace_not_before = time.monotonic() + delay
+            log.error("cannot start worker", pool=pool.name, slot=slot.index, error=str(exc), retry_in_s=delay)
+            return None
+        handle = WorkerHandle(pid=pid, pool=pool.name, slot=slot.index, status_path=status_path, quota=pool.quota)
+        self.by_pid[pid] = (slot, handle)
+        log.info("worker started", pool=pool.name, slot=slot.index, worker_pid=pid)
+        return handle
+
+    def _count_restart(self, slot: WorkerSlot, reason: str) -> None:
+        key = (slot.pool, reason)
+        self.restart_counts[key] = self.restart_counts.get(key, 0) + 1
+        slot.restarts += 1
+
+    def _on_exit(self, pid: int, code: int) -> None:
+        entry = self.by_pid.pop(pid, None)
+        if entry is None:
+            log.debug("reaped a process that is not a worker (orphan)", orphan_pid=pid, code=code)
+            return
+        slot, handle = entry
+        try:
+            self.metrics.retire(pid)
+        except (OSError, RuntimeError, ValueError) as exc:  # a corrupt file must not stop supervision
+            log.error("cannot archive the metrics of a dead worker", worker_pid=pid, error=str(exc))
+        handle.cleanup_files()
+        role = slot.forget(handle)
+        reason = handle.stop_reason or ("exit" if code == 0 else "crash")
+        record = ExitRecord(pid=pid, code=code, reason=reason, at=time.time(), uptime=handle.uptime)
+        slot.last_exit = record
+        bound = log.bind(pool=slot.pool, slot=slot.index, worker_pid=pid, code=code, reason=reason, role=role,
+                         uptime_s=round(handle.uptime, 2))
+        if handle.stop_reason is not None:
+            bound.info("worker stopped", description=record.description)
+            return
+        if self.draining or slot.removed:
+            bound.warning("worker exited while stopping", description=record.description)
+            return
+        self._count_restart(slot, reason)
+        delay = slot.backoff.failed(handle.uptime)
+        now = time.monotonic()
+        if role == "incoming":
+            slot.replace_not_before = now + delay
+            bound.warning("replacement worker died before serving; will retry", description=record.description,
+                          retry_in_s=round(delay, 2))
+            return
+        slot.next_start_at = now + delay
+        bound.warning("worker died; restarting", description=record.description, restart_in_s=round(delay, 2),
+                      failures_in_a_row=slot.backoff.failures)
+        if slot.incoming is not None:  # its replacement was already starting: it takes over
+            slot.current, slot.incoming, slot.incoming_reason = slot.incoming, None, None
+
+    def _is_hung(self, handle: WorkerHandle, pool: PoolState) -> str | None:
+        age = handle.heartbeat_age()
+        if age is None:
+            if handle.uptime > self.settings.worker_start_timeout:
+                return f"no heartbeat {handle.uptime:.1f}s after start"
+            return None
+        if age > pool.quota.hang_timeout:
+            return f"heartbeat {age:.1f}s old (hang_timeout {pool.quota.hang_timeout:g}s)"
+        return None
+
+    def _reconcile_slot(self, pool: PoolState, slot: WorkerSlot, now: float) -> None:
+        for handle in (slot.current, slot.incoming):
+            if handle is None or handle.stop_reason is not None:
+                continue
+            why = self._is_hung(handle, pool)
+            if why is None:
+                continue
+            log.warning("worker hung; replacing it", pool=pool.name, slot=slot.index, worker_pid=handle.pid,
+                        why=why)
+            was_current = handle is slot.current
+            handle.terminate("hung", HUNG_KILL_GRACE_S)
+            slot.retire(handle)
+            self._count_restart(slot, "hung")
+            delay = slot.backoff.failed(handle.uptime)
+            if was_current:
+                slot.next_start_at = now + delay
+            else:
+                slot.replace_not_before = now + delay
+
+        if slot.current is None and slot.incoming is not None:
+            slot.current, slot.incoming, slot.incoming_reason = slot.incoming, None, None
+        current = slot.current
+        if current is None:
+            if now >= slot.next_start_at:
+                slot.current = self._start(pool, slot)
+            return
+        if current.serving and current.uptime >= STABLE_AFTER and slot.backoff.failures:
+            slot.backoff.succeeded()
+
+        reason = self._replacement_reason(pool, current)
+        if reason is None and current.serving and current.uptime >= STABLE_AFTER:
+            slot.memory_backoff.succeeded()
+        if (slot.incoming is None and reason is not None and now >= slot.replace_not_before
+                and (reason != "reload" or not pool.replacing)):
+            log.info("starting a replacement worker", pool=pool.name, slot=slot.index, old_pid=current.pid,
+                     reason=reason, rss=current.rss)
+            slot.incoming = self._start(pool, slot)
+            slot.incoming_reason = reason if slot.incoming is not None else None
+
+        incoming = slot.incoming
+        if incoming is not None and incoming.serving:
+            handover = slot.incoming_reason or "recycle"
+            self._count_restart(slot, handover)
+            current.terminate(handover, self.settings.shutdown_grace + DRAIN_KILL_MARGIN_S)
+            slot.retire(current)
+            slot.current, slot.incoming, slot.incoming_reason = incoming, None, None
+            if handover == "memory":
+                slot.replace_not_before = now + slot.memory_backoff.failed(0.0)
+            log.info("replacement serving; old worker drains", pool=pool.name, slot=slot.index,
+                     old_pid=current.pid, worker_pid=incoming.pid, reason=handover)
+
+    def _replacement_reason(self, pool: PoolState, handle: WorkerHandle) -> str | None:
+        if not handle.serving:
+            return None
+        if worker_settings_differ(handle.quota, pool.quota):
+            return "reload"
+        if handle.rss is not None and handle.rss > pool.quota.memory_limit_mb * 1024 * 1024:
+            return "memory"
+        hb = handle.heartbeat
+        if hb is not None and hb.jobs_served >= pool.quota.max_jobs_per_process:
+            return "recycle"
+        return None
+
+    def _enforce_deadlines(self, now: float) -> None:
+        for handle in self.handles():
+            if handle.kill_at is not None and now >= handle.kill_at and not handle.killed:
+                log.warning("worker did not stop in time; killing it", pool=handle.pool, slot=handle.slot,
+                            worker_pid=handle.pid, reason=handle.stop_reason)
+                handle.kill()
+
+    def _begin_shutdown(self, now: float) -> None:
+        self.draining = True
+        grace = self.settings.shutdown_grace + DRAIN_KILL_MARGIN_S
+        self.drain_deadline = now + grace
+        log.info("stopping: draining every worker", workers=len(self.by_pid),
+                 shutdown_grace_s=self.settings.shutdown_grace)
+        for handle in self.handles():
+            handle.terminate("stop", grace)
+
+    # -- pools and reloads -----------------------------------------------------------------------------
+
+    def _new_slot(self, pool: str, index: int) -> WorkerSlot:
+        s = self.settings
+        return WorkerSlot(
+            pool=pool, index=index,
+            backoff=RestartBackoff(initial=s.restart_backoff_initial, maximum=s.restart_backoff_max),
+            memory_backoff=RestartBackoff(initial=s.restart_backoff_initial, maximum=s.restart_backoff_max))
+
+    def _add_pool(self, name: str, quota: PoolQuota) -> None:
+        pool = PoolState(name=name, quota=quota)
+        pool.slots = [self._new_slot(name, i) for i in range(quota.processes)]
+        self.pools[name] = pool
+
+    def _drop_slot(self, slot: WorkerSlot) -> None:
+        slot.removed = True
+        for handle in list(slot.handles()):
+            handle.terminate("stop", self.settings.shutdown_grace + DRAIN_KILL_MARGIN_S)
+            slot.retire(handle)
+        self.leaving.append(slot)
+
+    def _handle_reloads(self, now: float) -> None:
+        requests, self._reload_requests = self._reload_requests, []
+        if self.draining:
+            for trigger, future in requests:
+                if future is not None and not future.done():
+                    future.set_result(ReloadResult(ok=False, trigger=trigger,
+                                                   errors=("the supervisor is stopping",)))
+            return
+        if not requests and self.settings.config_poll_interval and now >= self._next_file_check:
+            self._next_file_check = now + self.settings.config_poll_interval
+            if self.watch.changed():
+                requests.append(("file change", None))
+        if not requests:
+            return
+        # Several requests in one turn: the file is read once and every requester gets that answer.
+        result = self.reload(", ".join(sorted({trigger for trigger, _ in requests})))
+        for _trigger, future in requests:
+            if future is not None and not future.done():
+                future.set_result(result)
+
+    def reload(self, trigger: str) -> ReloadResult:
+        """Validate the quota file and apply it; a bad file changes nothing."""
+        try:
+            new = self.watch.load()
+        except ConfigError as exc:
+            log.error("quota file reload refused; keeping the running config", trigger=trigger,
+                      errors=exc.errors)
+            self.last_reload = ReloadResult(ok=False, trigger=trigger, errors=tuple(exc.errors))
+            return self.last_reload
+        plan = plan_reload(self.config, new)
+        self.config = new
+        self.config_version += 1
+        for name in plan.removed:
+            pool = self.pools.pop(name)
+            for slot in pool.slots:
+                self._drop_slot(slot)
+        for name, quota in new.pools.items():
+            pool_state = self.pools.get(name)
+            if pool_state is None:
+                self._add_pool(name, quota)
+                continue
+            pool_state.quota = quota
+            while len(pool_state.slots) > quota.processes:
+                self._drop_slot(pool_state.slots.pop())
+            while len(pool_state.slots) < quota.processes:
+                pool_state.slots.append(self._new_slot(name, len(pool_state.slots)))
+        # Tenant limits apply at once: every worker re-reads the file on SIGHUP. Workers of pools whose
+        # settings changed are replaced slot by slot by the turns that follow.
+        for handle in self.handles():
+            if handle.stop_reason is None:
+                handle.send(signal.SIGHUP)
+        log.info("quota file reloaded", trigger=trigger, **plan.as_dict())
+        self.last_reload = ReloadResult(ok=True, trigger=trigger, plan=plan)
+        return self.last_reload
+

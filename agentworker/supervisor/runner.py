@@ -1,0 +1,191 @@
+"""``agentworker run``: wire the reconcile loop, the Redis observer and the HTTP port together.
+
+Start order: bind the HTTP port first (a port in use fails fast, before any worker starts), prepare
+the run and metrics directories, then start the loop, which spawns the workers. Signals only set flags
+on the supervisor: SIGTERM/SIGINT drain and exit 0 (a second one kills the workers at once), SIGHUP
+reloads the quota file, SIGCHLD wakes the loop to reap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from redis.asyncio import Redis
+
+from agentworker.config import ConfigError
+from agentworker.health.app import create_app
+from agentworker.health.checks import FAIL, PASS, WARN, Check, check_postgres, check_redis
+from agentworker.logs import get_logger
+from agentworker.settings import Settings
+from agentworker.supervisor.metrics_archive import MetricsArchive
+from agentworker.supervisor.observer import RedisObserver
+from agentworker.supervisor.reconcile import TICK_S, Supervisor
+from agentworker.supervisor.reload import QuotaFileWatch
+from agentworker.supervisor.report import SupervisorCollector, pool_health, status_document
+
+log = get_logger("agentworker.supervisor")
+
+#: /health fails when the reconcile loop has not turned for this long (it turns every TICK_S)
+LIVENESS_MAX_AGE_S = 30.0
+RELOAD_ANSWER_TIMEOUT_S = 30.0
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+class StartupError(Exception):
+    """The supervisor cannot start (port in use, unusable directory): one line, exit 1."""
+
+
+class SupervisorBackend:
+    """The supervisor as the HTTP app sees it (:class:`agentworker.health.app.HealthBackend`)."""
+
+    def __init__(self, supervisor: Supervisor, observer: RedisObserver, redis: Redis, settings: Settings,
+                 registry: CollectorRegistry) -> None:
+        self.supervisor = supervisor
+        self.observer = observer
+        self.redis = redis
+        self.settings = settings
+        self.registry = registry
+        self.admin_token = settings.admin_token
+
+    def liveness_checks(self) -> list[Check]:
+        age = time.monotonic() - self.supervisor.last_turn
+        status = FAIL if age > LIVENESS_MAX_AGE_S else WARN if age > 10 * TICK_S else PASS
+        output = None if status == PASS else f"the reconcile loop last turned {age:.1f}s ago"
+        return [Check("supervisor:loop", status, output, round(age, 3), "s")]
+
+    async def readiness_checks(self) -> list[Check]:
+        timeout = self.settings.ready_timeout
+        checks = list(await asyncio.gather(check_redis(self.redis, timeout),
+                                           check_postgres(self.settings.database_url, timeout)))
+        sup = self.supervisor
+        if sup.draining:
+            checks.append(Check("supervisor:draining", FAIL, "stopping: draining worker processes"))
+        for name, pool in sorted(sup.pools.items()):
+            health = pool_health(pool)
+            checks.append(Check(f"pool:{name}", PASS if health.ready else FAIL,
+                                None if health.status == "ok" else f"{health.status}: {health.reason}",
+                                health.serving, "processes"))
+        return checks
+
+    def status(self) -> dict[str, Any]:
+        return status_document(self.supervisor, self.observer)
+
+    def metrics(self) -> bytes:
+        try:
+            return generate_latest(self.registry)
+        except (struct.error, RuntimeError):
+            # A worker creating its metric file at this instant can leave it briefly unreadable: once more.
+            return generate_latest(self.registry)
+
+    async def reload(self, trigger: str) -> tuple[int, dict[str, Any]]:
+        try:
+            result = await asyncio.wait_for(self.supervisor.request_reload(trigger), RELOAD_ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            return 503, {"ok": False, "trigger": trigger, "errors": ["the reconcile loop did not answer"]}
+        return (200 if result.ok else 422), result.as_dict()
+
+
+def _directory(configured: str | None, prefix: str) -> tuple[Path, bool]:
+    """The configured directory (created if missing), else a new temporary one; and whether it is ours."""
+    try:
+        if configured:
+            path = Path(configured)
+            path.mkdir(parents=True, exist_ok=True)
+            return path, False
+        return Path(tempfile.mkdtemp(prefix=prefix)), True
+    except OSError as exc:
+        raise StartupError(f"cannot create directory {configured or tempfile.gettempdir()}: "
+                           f"{exc.strerror or exc}") from None
+
+
+def child_environment(metrics_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
+    # Read by prometheus_client when the worker imports it: every worker writes its own files here.
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    return env
+
+
+async def serve(settings: Settings, config_path: Path) -> int:
+    watch = QuotaFileWatch(config_path)
+    try:
+        config = watch.load()
+    except ConfigError as exc:
+        raise StartupError(f"bad quota file {exc}") from None
+    run_dir, own_run_dir = _directory(settings.run_dir, "agentworker-run-")
+    metrics_dir, own_metrics_dir = _directory(settings.metrics_dir, "agentworker-metrics-")
+    archive = MetricsArchive(metrics_dir)
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.ready_timeout, socket_timeout=5)
+    runner: web.AppRunner | None = None
+    observer_task: asyncio.Task[None] | None = None
+    supervisor: Supervisor | None = None
+    try:
+        try:
+            archive.reset()
+        except OSError as exc:
+            raise StartupError(f"cannot use metrics directory {metrics_dir}: {exc.strerror or exc}") from None
+        supervisor = Supervisor(settings=settings, watch=watch, config=config, run_dir=run_dir,
+                                metrics=archive, child_env=child_environment(metrics_dir))
+        observer = RedisObserver(redis, lambda: (supervisor.config_version, supervisor.config))
+        registry = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
+        registry.register(SupervisorCollector(supervisor, observer))
+        backend = SupervisorBackend(supervisor, observer, redis, settings, registry)
+
+        runner = web.AppRunner(create_app(backend), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.http_host, settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {settings.http_host}:{settings.port}: "
+                               f"{exc.strerror or exc}") from None
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, supervisor.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: supervisor.request_reload("SIGHUP"))
+        loop.add_signal_handler(signal.SIGCHLD, supervisor.wake)
+
+        log.info("supervisor started", port=settings.port, host=settings.http_host, config=str(config_path),
+                 pools={name: pool.processes for name, pool in config.pools.items()},
+                 run_dir=str(run_dir), metrics_dir=str(metrics_dir))
+        observer_task = asyncio.create_task(observer.run_forever(), name="redis-observer")
+        await supervisor.run()
+        log.info("supervisor stopped: every worker has exited")
+        return EXIT_OK
+    finally:
+        if supervisor is not None:
+            _terminate_leftovers(supervisor)
+        if observer_task is not None:
+            observer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await observer_task
+        if runner is not None:
+            await runner.cleanup()
+        with contextlib.suppress(Exception):
+            await redis.aclose()
+        if own_run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if own_metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _terminate_leftovers(supervisor: Supervisor) -> None:
+    """Leaving with workers alive can only mean the supervisor failed: let them drain on their own
+    rather than be orphaned (PR_SET_PDEATHSIG would signal them too, on Linux)."""
+    for handle in supervisor.handles():
+        log.error("supervisor exiting with a worker still running; sending it SIGTERM", pool=handle.pool,
+                  slot=handle.slot, worker_pid=handle.pid)
+        handle.send(signal.SIGTERM)
