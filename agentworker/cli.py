@@ -127,6 +127,62 @@ async def _enqueue(args: argparse.Namespace, payload: dict[str, Any]) -> int:
         return EXIT_OK
 
 
+# -- run -------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from agentworker.logs import configure_logging
+    from agentworker.supervisor.runner import StartupError, serve
+
+    settings = Settings.from_env(config=args.config, port=args.port)
+    # abspath, not resolve(): a ConfigMap is a symlink swapped on update; workers must follow the link.
+    path = Path(os.path.abspath(resolve_config_path(settings.config)))
+    load_config(path)  # a bad file: one line and exit 2 before anything starts
+    configure_logging(settings.log_level, settings.log_format, role="supervisor")
+    try:
+        return asyncio.run(serve(settings, path))
+    except StartupError as exc:
+        raise CommandError(str(exc), EXIT_FAILED) from None
+
+
+# -- status ------------------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agentworker.health.status_table import StatusUnavailable, fetch_status, render_status
+
+    url = args.url or f"http://127.0.0.1:{Settings.from_env().port}"
+    try:
+        document = fetch_status(url, timeout=args.timeout)
+    except StatusUnavailable as exc:
+        raise CommandError(str(exc), EXIT_FAILED) from None
+    print(json.dumps(document, indent=2) if args.json else render_status(document))
+    return EXIT_OK
+
+
+# -- migrate -----------------------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from agentworker.db.migrate import MigrationError, migrate
+    from agentworker.db.urls import redact_url
+    from agentworker.graphs.checkpoints import setup_checkpoint_tables
+
+    url = args.database_url or _settings(args).database_url
+    try:
+        report = asyncio.run(migrate(url, after=[setup_checkpoint_tables]))
+    except MigrationError as exc:
+        raise CommandError(str(exc), EXIT_FAILED) from None
+    for label in report.applied:
+        print(f"applied {label}")
+    state = f"{len(report.applied)} migration(s) applied" if report.applied else "already up to date"
+    print(f"{redact_url(url)}: {state}; LangGraph checkpoint tables ready")
+    return EXIT_OK
+
+
 # -- wiring ------------------------------------------------------------------------------------------
 
 
@@ -156,6 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait for the result and print it")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait (default 60)")
     p.set_defaults(handler=cmd_enqueue)
+
+    p = sub.add_parser("run", parents=[common], help="run the supervisor: worker processes and the HTTP port")
+    p.add_argument("--port", type=int, help="HTTP port (default: $AGENTWORKER_PORT, else 8000)")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("status", parents=[common], help="print the status of a running supervisor")
+    p.add_argument("--url", help="the supervisor's base URL (default: http://127.0.0.1:$AGENTWORKER_PORT)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON document")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("migrate", parents=[common], help="create or upgrade the PostgreSQL schema (safe to re-run)")
+    p.add_argument("--database-url", help="PostgreSQL URL (default: $AGENTWORKER_DATABASE_URL)")
+    p.set_defaults(handler=cmd_migrate)
     return parser
 
 

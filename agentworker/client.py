@@ -12,6 +12,16 @@
 
 The client routes each tenant itself (see :mod:`agentworker.routing`), checks admission (``max_pending``,
 ``rate_limit``) and enqueues in one atomic Redis call (:mod:`agentworker.admission`).
+
+Workflows (PostgreSQL, ``AGENTWORKER_DATABASE_URL``, connected on first use) — no SQL needed by the backend:
+
+.. code-block:: python
+
+        saved = await client.save_workflow("acme", yaml_or_json_or_dict)   # validated; a new version
+        job = await client.enqueue("execute_workflow", tenant_id="acme",
+                                   payload={"workflow_id": saved.workflow_id, "input_data": {...}})
+        run = await client.get_run("acme", (await job.result(timeout=60))["run_id"])
+        recent = await client.list_runs("acme", workflow_id=saved.workflow_id, status="failed")
 """
 
 from __future__ import annotations
@@ -30,9 +40,13 @@ from redis.asyncio import Redis
 from agentworker import jobs, keys
 from agentworker.admission import Admission, Enqueuer
 from agentworker.config import QuotaConfig, load_config
+from agentworker.db import Database, definitions, open_database, runs
+from agentworker.db.definitions import StoredWorkflow
+from agentworker.db.runs import RunRecord
 from agentworker.events import Event, read_events
 from agentworker.routing import Route, route_tenant
 from agentworker.settings import Settings
+from agentworker.workflows import WorkflowDefinition, parse_workflow
 
 #: ARQ's margin after a job's due time before its record expires unclaimed (1 day).
 JOB_EXPIRY_MS = 86_400_000
@@ -145,11 +159,17 @@ class JobHandle:
 class AgentWorkerClient:
     """Routes, admits and enqueues jobs; reads results and events. Use as an async context manager."""
 
-    def __init__(self, redis: Redis, config: QuotaConfig, settings: Settings | None = None) -> None:
+    def __init__(self, redis: Redis, config: QuotaConfig, settings: Settings | None = None, *,
+                 database: Database | None = None) -> None:
+        """``database``: an open :class:`~agentworker.db.Database` to use (and leave open); without it,
+        the workflow methods connect to ``settings.database_url`` on first use and :meth:`close` closes it."""
         self.redis = redis
         self.config = config
         self.settings = settings or Settings()
         self._enqueuer = Enqueuer(redis)
+        self._database = database
+        self._owns_database = False
+        self._database_lock = asyncio.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *, config: QuotaConfig | None = None) -> Self:
@@ -167,6 +187,9 @@ class AgentWorkerClient:
 
     async def close(self) -> None:
         await self.redis.aclose()
+        if self._owns_database and self._database is not None:
+            await self._database.close()
+            self._database = None
 
     def route(self, tenant_id: str) -> Route:
         return route_tenant(self.config, tenant_id)
@@ -234,6 +257,47 @@ class AgentWorkerClient:
         """
         route_tenant(self.config, tenant_id)  # validates the id
         return read_events(self.redis, tenant_id, since=since, block_ms=block_ms)
+
+
+    # -- workflows (PostgreSQL) ---------------------------------------------------------------------------
+
+    async def database(self) -> Database:
+        """The workflow database, connected on first use (raises :class:`~agentworker.db.DatabaseError`)."""
+        async with self._database_lock:
+            if self._database is None:
+                self._database = await open_database(self.settings.database_url)
+                self._owns_database = True
+        return self._database
+
+    async def save_workflow(self, tenant_id: str,
+                            definition: str | bytes | dict[str, Any] | WorkflowDefinition) -> StoredWorkflow:
+        """Validate a definition (YAML or JSON text, a dict, or a model) and store it as the next version
+        of its workflow id. Saving the same definition again returns the existing version
+        (``created=False``). Raises :class:`~agentworker.workflows.InvalidWorkflow` listing every problem."""
+        parsed = parse_workflow(definition)
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            return await definitions.save_definition(tx, parsed.id, parsed.to_json())
+
+    async def get_workflow(self, tenant_id: str, workflow_id: str, version: int | None = None) -> StoredWorkflow | None:
+        """A stored definition (the latest version unless ``version``), or None."""
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            return await definitions.get_definition(tx, workflow_id, version)
+
+    async def get_run(self, tenant_id: str, run_id: str, *, steps: bool = True) -> RunRecord | None:
+        """A run of the tenant with (unless ``steps=False``) its step records, or None if the tenant has
+        no such run. Raises :class:`~agentworker.db.runs.InvalidRunId` when ``run_id`` is not a UUID."""
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            return await runs.get_run(tx, run_id, with_steps=steps)
+
+    async def list_runs(self, tenant_id: str, *, workflow_id: str | None = None, status: str | None = None,
+                        limit: int = 50) -> list[RunRecord]:
+        """The tenant's runs, newest first (without step records), optionally filtered."""
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            return await runs.list_runs(tx, workflow_id=workflow_id, status=status, limit=limit)
 
 
 def _defer_ms(defer: float | timedelta | datetime | None, now_ms: int) -> int:

@@ -225,3 +225,68 @@ async def wait_for(condition: Callable[[], bool | Awaitable[bool]], timeout: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------------
+#
+# One database with a random name per test session, migrated once (our SQL and LangGraph's checkpoint
+# tables) and dropped at the end. Tests isolate themselves inside it with their own tenant ids.
+# AGENTWORKER_TEST_DATABASE_URL names the server (any database on it; default the machine's).
+
+TEST_DATABASE_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def database_url_for(server_url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(server_url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    import uuid
+
+    import asyncpg
+
+    from agentworker.db.migrate import migrate
+    from agentworker.graphs.checkpoints import setup_checkpoint_tables
+
+    server = os.environ.get("AGENTWORKER_TEST_DATABASE_URL", TEST_DATABASE_SERVER)
+    name = f"aw_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(server, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL is not reachable for the tests: {exc}")
+    url = database_url_for(server, name)
+    try:
+        asyncio.run(migrate(url, after=[setup_checkpoint_tables]))
+        yield url
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Any]:
+    from agentworker.db import open_database
+
+    db = await open_database(database_url)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+def new_tenant(prefix: str = "t") -> str:
+    """A tenant id no other test uses (tests share the session's database)."""
+    import uuid
+
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"

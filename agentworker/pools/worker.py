@@ -139,6 +139,7 @@ class WorkerProcess:
             exit_code = await self._run_until_stopped(mains)
         finally:
             await self._drain(mains, background)
+            await self.runtime.resources.aclose(log)
             with contextlib.suppress(RedisError, OSError):
                 await redis.aclose()
         log.info("worker stopped", jobs_served=self.jobs_served, exit_code=exit_code)

@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 
 from agentworker.config import QuotaConfig
 from agentworker.events import EventPublisher
 from agentworker.settings import Settings
+
+R = TypeVar("R")
+
+
+class ProcessResources:
+    """Process-wide resources (database pools, checkpointers) made on first use and closed at shutdown.
+
+    A factory that fails is not remembered: the next job tries again (PostgreSQL may be back). Each
+    resource needs an ``async aclose()``.
+    """
+
+    def __init__(self) -> None:
+        self._made: dict[str, Any] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, name: str, factory: Callable[[], Awaitable[R]]) -> R:
+        if name not in self._made:
+            async with self._locks.setdefault(name, asyncio.Lock()):
+                if name not in self._made:
+                    self._made[name] = await factory()
+        return cast(R, self._made[name])
+
+    async def aclose(self, log: Any = None) -> None:
+        """Close everything made, newest first; never raises (it runs during shutdown)."""
+        while self._made:
+            name, resource = self._made.popitem()
+            try:
+                await resource.aclose()
+            except Exception as exc:
+                if log is not None:
+                    log.warning("closing a process resource failed", resource=name, error=repr(exc))
 
 
 @dataclass
@@ -23,6 +56,7 @@ class JobRuntime:
     redis: Redis
     events: EventPublisher
     config: QuotaConfig
+    resources: ProcessResources = field(default_factory=ProcessResources)
 
 
 @dataclass

@@ -1,0 +1,29 @@
+"""PostgreSQL: the schema and its migrations, tenant-scoped transactions, repositories, the ledger.
+
+Everything that touches tenant rows goes through :meth:`Database.tenant` (see :mod:`.database`), which
+opens a transaction as the role ``agentworker_app`` with ``agentworker.tenant_id`` set for that
+transaction only; row-level security does the rest. asyncpg only: LangGraph's checkpointer has its own
+psycopg pool (``agentworker.graphs.checkpoints``).
+"""
+
+from agentworker.db.database import (
+    APP_ROLE,
+    SCHEMA,
+    Database,
+    DatabaseError,
+    DatabaseNotMigrated,
+    DatabaseUnavailable,
+    TenantTransaction,
+    open_database,
+)
+
+__all__ = [
+    "APP_ROLE",
+    "SCHEMA",
+    "Database",
+    "DatabaseError",
+    "DatabaseNotMigrated",
+    "DatabaseUnavailable",
+    "TenantTransaction",
+    "open_database",
+]

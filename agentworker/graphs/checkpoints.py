@@ -1,0 +1,114 @@
+"""LangGraph checkpoints in PostgreSQL, under the same tenant isolation as our own tables.
+
+LangGraph's ``AsyncPostgresSaver`` needs psycopg (not asyncpg) connections with ``autocommit=True,
+prepare_threshold=0, row_factory=dict_row``. Its tables live in the ``agentworker`` schema and are created
+by ``agentworker migrate`` (:func:`setup_checkpoint_tables`), which also puts them under row-level
+security: thread ids are ``{tenant_id}:{run_id}`` and a row is visible only when the thread's tenant is the
+connection's ``agentworker.tenant_id``. :meth:`CheckpointStore.saver` lends one connection of the pool to
+one run, as ``agentworker_app`` with that tenant set, and holds an advisory lock on the thread so two jobs
+never advance the same run at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from agentworker.db.database import APP_ROLE, SCHEMA, TENANT_SETTING, DatabaseError, DatabaseUnavailable
+from agentworker.db.migrate import MigrationError
+from agentworker.db.urls import redact_url
+
+CHECKPOINT_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
+
+_CONNECTION_KWARGS: dict[str, Any] = {
+    "autocommit": True,
+    "prepare_threshold": 0,
+    "row_factory": dict_row,
+    "options": f"-c search_path={SCHEMA}",
+}
+
+
+def thread_id(tenant_id: str, run_id: str) -> str:
+    """The LangGraph thread of a run (tenant ids have no ':', so the prefix is the tenant)."""
+    return f"{tenant_id}:{run_id}"
+
+
+async def setup_checkpoint_tables(url: str) -> None:
+    """Create or upgrade LangGraph's tables, then (again, idempotently) put them under RLS.
+
+    Run by ``agentworker migrate`` as the migrating user, after the SQL migrations."""
+    try:
+        await _setup_checkpoint_tables(url)
+    except psycopg.Error as exc:
+        raise MigrationError(f"setting up LangGraph's checkpoint tables failed: {type(exc).__name__}: {exc}") from None
+
+
+async def _setup_checkpoint_tables(url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(url, **_CONNECTION_KWARGS) as conn:
+        await AsyncPostgresSaver(conn).setup()
+        async with conn.transaction():
+            await conn.execute(f"GRANT SELECT ON {SCHEMA}.checkpoint_migrations TO {APP_ROLE}")
+            for table in CHECKPOINT_TABLES:
+                await conn.execute(f"ALTER TABLE {SCHEMA}.{table} ENABLE ROW LEVEL SECURITY")
+                await conn.execute(f"ALTER TABLE {SCHEMA}.{table} FORCE ROW LEVEL SECURITY")
+                await conn.execute(f"DROP POLICY IF EXISTS tenant_isolation ON {SCHEMA}.{table}")
+                await conn.execute(
+                    f"CREATE POLICY tenant_isolation ON {SCHEMA}.{table} "
+                    f"USING (split_part(thread_id, ':', 1) = current_setting('{TENANT_SETTING}', true)) "
+                    f"WITH CHECK (split_part(thread_id, ':', 1) = current_setting('{TENANT_SETTING}', true))")
+                await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {SCHEMA}.{table} TO {APP_ROLE}")
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.execute(f"SET ROLE {APP_ROLE}")
+    cursor = await conn.execute("SELECT rolsuper OR rolbypassrls AS bypasses FROM pg_roles "
+                                "WHERE rolname = current_user")
+    row: Any = await cursor.fetchone()
+    if row is None or row["bypasses"]:
+        raise DatabaseError(f"role {APP_ROLE} can bypass row-level security; refusing to use it")
+
+
+async def _reset(conn: psycopg.AsyncConnection[Any]) -> None:
+    # Back to no tenant (and no lock) before the connection serves another run.
+    await conn.execute("SELECT set_config(%s, '', false), pg_advisory_unlock_all()", (TENANT_SETTING,))
+
+
+class CheckpointStore:
+    """A process-wide psycopg pool lending one connection per running workflow."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any], url: str) -> None:
+        self._pool = pool
+        self.url = redact_url(url)
+
+    @asynccontextmanager
+    async def saver(self, tenant_id: str, thread: str) -> AsyncIterator[AsyncPostgresSaver]:
+        """A checkpointer that sees only ``tenant_id``'s threads, holding ``thread`` for this caller."""
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute("SELECT set_config(%s, %s, false)", (TENANT_SETTING, tenant_id))
+                await conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (thread,))
+                yield AsyncPostgresSaver(conn)
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            raise DatabaseUnavailable(f"lost PostgreSQL at {self.url} (checkpoints): {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._pool.close()
+
+
+async def open_checkpoint_store(url: str, *, max_size: int = 10, connect_timeout: float = 5.0) -> CheckpointStore:
+    """Open the pool (one connection at once, to fail fast); :class:`DatabaseUnavailable` if unreachable."""
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        url, min_size=1, max_size=max(1, max_size), kwargs=dict(_CONNECTION_KWARGS), configure=_configure,
+        reset=_reset, open=False, timeout=30.0, name="agentworker-checkpoints")
+    try:
+        await pool.open(wait=True, timeout=connect_timeout)
+    except PoolTimeout as exc:
+        await pool.close()
+        raise DatabaseUnavailable(f"cannot reach PostgreSQL at {redact_url(url)} (checkpoints): {exc}") from None
+    return CheckpointStore(pool, url)

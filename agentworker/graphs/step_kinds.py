@@ -1,0 +1,140 @@
+"""What each step kind does with its rendered inputs: transform, http, llm, tool, agent.
+
+(Approval steps pause the graph, so they live with the graph nodes in :mod:`.step_nodes`.)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from agentworker.db.ledger import Ledger, effect_key
+from agentworker.graphs import agent_step
+from agentworker.graphs.models import chat_model
+from agentworker.tools import builtin as _builtin_tools  # noqa: F401 - registers the built-in tools
+from agentworker.tools.registry import TOOLS, EmitFunction, ToolContext
+from agentworker.workflows.definition import AgentStep, HttpStep, LlmStep, StepBase, ToolStep, TransformStep
+
+SIDE_EFFECT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_MAX_BODY_BYTES = 1_048_576
+
+
+class StepError(Exception):
+    """A step failed in a way worth retrying (per its retry policy)."""
+
+
+class PermanentStepError(StepError):
+    """A step failed in a way retrying cannot fix (bad rendered input, unknown tool, no agent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepEnvironment:
+    tenant_id: str
+    run_id: str
+    ledger: Ledger
+    emit: EmitFunction
+    log: Any
+
+    def tool_context(self, step_id: str, call_key: str) -> ToolContext:
+        return ToolContext(tenant_id=self.tenant_id, run_id=self.run_id, step_id=step_id, log=self.log,
+                           idempotency_key=effect_key(self.tenant_id, self.run_id, step_id, call_key),
+                           emit=self.emit)
+
+
+async def execute(step: StepBase, values: Mapping[str, Any], env: StepEnvironment) -> Any:
+    """Run one attempt of ``step`` with its templated fields already rendered into ``values``."""
+    if isinstance(step, TransformStep):
+        return _transform(values)
+    if isinstance(step, HttpStep):
+        return await _http(step, values, env)
+    if isinstance(step, LlmStep):
+        return await _llm(step, values)
+    if isinstance(step, ToolStep):
+        return await _tool(step, values, env)
+    if isinstance(step, AgentStep):
+        try:
+            return await agent_step.run_agent_step(
+                context=env.tool_context(step.id, "agent"), instructions=values["instructions"], tools=step.tools,
+                model=step.model, max_iterations=step.max_iterations, timeout=step.timeout_seconds)
+        except agent_step.AgentStepUnavailable as exc:
+            raise PermanentStepError(str(exc)) from None
+    raise PermanentStepError(f"step {step.id!r} has kind {getattr(step, 'kind', '?')!r}, which cannot run here")
+
+
+def _transform(values: Mapping[str, Any]) -> Any:
+    if values.get("merge") is None:
+        return values["template"]
+    merged: dict[str, Any] = {}
+    for index, part in enumerate(values["merge"]):
+        if not isinstance(part, dict):
+            raise PermanentStepError(f"merge[{index}] is a {type(part).__name__}, not an object")
+        merged.update(part)
+    return merged
+
+
+async def _http(step: HttpStep, values: Mapping[str, Any], env: StepEnvironment) -> Any:
+    url = values["url"]
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise PermanentStepError(f"url {url!r} is not an http:// or https:// URL")
+    headers = {str(k): str(v) for k, v in (values.get("headers") or {}).items()}
+
+    async def request(idempotency_key: str | None) -> dict[str, Any]:
+        if idempotency_key is not None:
+            headers.setdefault("Idempotency-Key", idempotency_key)
+        timeout = aiohttp.ClientTimeout(total=step.timeout_seconds)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
+                    step.method, url, headers=headers, json=values.get("body")) as response:
+                raw = await response.content.read(_MAX_BODY_BYTES)
+                status = response.status
+                content_type = response.headers.get("Content-Type", "")
+        except aiohttp.ClientError as exc:
+            raise StepError(f"{step.method} {url} failed: {type(exc).__name__}: {exc}") from None
+        text = raw.decode("utf-8", errors="replace")
+        body: Any = text
+        if "json" in content_type:
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = text
+        if status >= 400:
+            raise StepError(f"{step.method} {url} answered HTTP {status}: {text[:200]}")
+        return {"status": status, "content_type": content_type, "body": body}
+
+    if step.method in SIDE_EFFECT_METHODS:
+        return await env.ledger.run_once(env.tenant_id, env.run_id, step.id, f"http:{step.method}", request)
+    return await request(None)
+
+
+async def _llm(step: LlmStep, values: Mapping[str, Any]) -> Any:
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    model = chat_model(step.model, timeout=step.timeout_seconds)
+    messages: list[Any] = []
+    if values.get("system"):
+        messages.append(SystemMessage(content=str(values["system"])))
+    messages.append(HumanMessage(content=str(values["prompt"])))
+    answer = await model.ainvoke(messages)
+    return {"text": answer.text, "model": step.model or "offline"}
+
+
+async def _tool(step: ToolStep, values: Mapping[str, Any], env: StepEnvironment) -> Any:
+    from agentworker.tools.registry import UnknownTool
+
+    try:
+        found = TOOLS.get(env.tenant_id, step.tool)
+    except UnknownTool as exc:
+        raise PermanentStepError(str(exc)) from None
+    call_key = f"tool:{found.name}"
+    args = dict(values.get("args") or {})
+    if not found.side_effects:
+        return await found.func(env.tool_context(step.id, call_key), args)
+
+    async def effect(_key: str) -> Any:
+        return await found.func(env.tool_context(step.id, call_key), args)
+
+    return await env.ledger.run_once(env.tenant_id, env.run_id, step.id, call_key, effect)
