@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/agentworker migrate
 	$(BIN)/agentworker run
 
 test: $(STAMP)
