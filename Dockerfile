@@ -10,7 +10,7 @@ WORKDIR /src
 RUN python -m venv /opt/agentworker
 COPY pyproject.toml README.md ./
 COPY agentworker ./agentworker
-RUN /opt/agentworker/bin/pip install --no-cache-dir . \
+RUN /opt/agentworker/bin/pip install --no-cache-dir ".[openai]" \
     && /opt/agentworker/bin/python -m compileall -q /opt/agentworker
 
 FROM python:3.11-slim-bookworm

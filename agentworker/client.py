@@ -22,6 +22,14 @@ Workflows (PostgreSQL, ``AGENTWORKER_DATABASE_URL``, connected on first use) —
                                    payload={"workflow_id": saved.workflow_id, "input_data": {...}})
         run = await client.get_run("acme", (await job.result(timeout=60))["run_id"])
         recent = await client.list_runs("acme", workflow_id=saved.workflow_id, status="failed")
+
+Agents' tenant settings (validated; secrets masked in everything returned):
+
+.. code-block:: python
+
+        await client.save_integration("acme", "smtp", {"host": ..., "from_address": ..., "password": ...})
+        await client.save_integration("acme", "mcp", {"url": ..., "headers": {...}}, name="extras")
+        print(await client.list_integrations("acme"))
 """
 
 from __future__ import annotations
@@ -41,9 +49,11 @@ from agentworker import jobs, keys
 from agentworker.admission import Admission, Enqueuer
 from agentworker.config import QuotaConfig, load_config
 from agentworker.db import Database, definitions, open_database, runs
+from agentworker.db import integrations as integration_rows
 from agentworker.db.definitions import StoredWorkflow
 from agentworker.db.runs import RunRecord
 from agentworker.events import Event, read_events
+from agentworker.integrations import DEFAULT_NAME, SETTINGS_BY_KIND, check_kind_and_name, parse_integration
 from agentworker.routing import Route, route_tenant
 from agentworker.settings import Settings
 from agentworker.workflows import WorkflowDefinition, parse_workflow
@@ -298,6 +308,42 @@ class AgentWorkerClient:
         database = await self.database()
         async with database.tenant(tenant_id) as tx:
             return await runs.list_runs(tx, workflow_id=workflow_id, status=status, limit=limit)
+
+    # -- agent integrations (PostgreSQL) ------------------------------------------------------------------
+
+    async def save_integration(self, tenant_id: str, kind: str, settings: Any,
+                               name: str = DEFAULT_NAME) -> dict[str, Any]:
+        """Save the tenant's ``smtp``, ``crm`` or ``model`` settings, or an external ``mcp`` server under
+        ``name``, replacing what was there; return them with secrets masked. Raises
+        :class:`~agentworker.integrations.IntegrationError` naming each bad key (never its value)."""
+        parsed = parse_integration(kind, settings, name)
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            await integration_rows.save_integration(tx, kind, name, parsed.stored())
+        return parsed.masked()
+
+    async def get_integration(self, tenant_id: str, kind: str, name: str = DEFAULT_NAME) -> dict[str, Any] | None:
+        """The tenant's settings of ``kind`` (and ``name``), secrets masked; None when not saved."""
+        check_kind_and_name(kind, name)
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            config = await integration_rows.get_integration(tx, kind, name)
+        return None if config is None else SETTINGS_BY_KIND[kind].model_validate(config).masked()
+
+    async def list_integrations(self, tenant_id: str) -> list[dict[str, Any]]:
+        """Every integration of the tenant: ``{"kind", "name", "config" (secrets masked), "updated_at"}``."""
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            rows = await integration_rows.list_integrations(tx)
+        return [{"kind": row.kind, "name": row.name, "updated_at": row.updated_at.isoformat(),
+                 "config": SETTINGS_BY_KIND[row.kind].model_validate(row.config).masked()} for row in rows]
+
+    async def delete_integration(self, tenant_id: str, kind: str, name: str = DEFAULT_NAME) -> bool:
+        """Remove the tenant's settings of ``kind`` (and ``name``); False when there were none."""
+        check_kind_and_name(kind, name)
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            return await integration_rows.delete_integration(tx, kind, name)
 
 
 def _defer_ms(defer: float | timedelta | datetime | None, now_ms: int) -> int:

@@ -290,3 +290,50 @@ def new_tenant(prefix: str = "t") -> str:
     import uuid
 
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# -- agents and tools: real local peers (SMTP, a CRM API, an OpenAI-compatible endpoint) ------------------
+
+CRM_TOKENS = ["crm-token-a", "crm-token-b"]
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[Callable[..., Any]]:
+    """Start real aiosmtpd servers on loopback: ``smtp_server(hold_first=0.0)``."""
+    from tests.fake_smtp import SmtpServer
+
+    started: list[SmtpServer] = []
+
+    def start(hold_first: float = 0.0) -> SmtpServer:
+        server = SmtpServer(free_port(), hold_first=hold_first)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator[Any]:
+    from tests.fake_openai import FakeOpenAI
+
+    endpoint = FakeOpenAI()
+    await endpoint.start()
+    try:
+        yield endpoint
+    finally:
+        await endpoint.stop()
+
+
+@pytest.fixture
+async def fake_crm() -> AsyncIterator[Any]:
+    from tests.fake_crm import FakeCrm
+
+    crm = FakeCrm(CRM_TOKENS)
+    await crm.start()
+    try:
+        yield crm
+    finally:
+        await crm.stop()

@@ -125,7 +125,44 @@ def metric_names_used_by_deploy() -> set[str]:
     return names
 
 
-def test_deploy_names_known_metrics_only() -> None:
-    names = metric_names_used_by_deploy()
-    assert "agentworker_queue_depth" in names and "agentworker_worker_restarts_total" in names
-    assert len(names) >= 10
+
+
+@pytest.fixture
+def supervisors(redis_url: str, tmp_path: Path) -> Any:
+    from tests.supervisor_helpers import supervisor_factory
+
+    yield from supervisor_factory(redis_url, tmp_path)
+
+
+@pytest.mark.slow
+async def test_every_metric_named_by_deploy_is_exported_by_a_running_service(
+        redis_url: str, database_url: str, write_quotas: Any, supervisors: Any) -> None:
+    """The dashboard, the alerts and the ScaledObject query only series that a real `agentworker run`
+    exposes on /metrics once it has run jobs, workflow steps and an LLM call; probe paths answer."""
+    from tests.conftest import make_client
+    from tests.workflow_helpers import workflow_client, workflow_worker_env
+
+    path = write_quotas({"pools": {"standard": {"shards": 2, "processes": 1, "concurrency": 4, "job_timeout": 60}},
+                         "tenants": {"acme": {"max_concurrency": 2}}})
+    sup = supervisors(path, **workflow_worker_env(database_url))
+    await sup.wait_ready()
+    async with make_client(redis_url, path) as client:
+        await (await client.enqueue("echo", tenant_id="acme", payload={"message": "x"})).result(timeout=30)
+        failing = await client.enqueue("probe_fail", tenant_id="acme")
+        with pytest.raises(Exception, match="boom"):
+            await failing.result(timeout=30)
+    async with workflow_client(redis_url, path, database_url=database_url) as wf_client:
+        await wf_client.save_workflow("acme", {"id": "hello", "steps": [
+            {"id": "greet", "kind": "llm", "prompt": "Say hello to {{ input.name }}"}]})
+        job = await wf_client.enqueue("execute_workflow", tenant_id="acme", payload={
+            "workflow_id": "hello", "trigger": "manual", "input_data": {"name": "Ada"}})
+        await job.result(timeout=60)
+
+    for probe_path in ("/health", "/ready", "/metrics", "/status"):
+        code, _headers, _body = await sup.request(probe_path)
+        assert code == 200, probe_path
+    exported = {name for name, _labels in (await sup.metrics())}
+    families = {re.sub(r"_(bucket|sum|count|total|created)$", "", name) for name in exported}
+    missing = sorted(name for name in metric_names_used_by_deploy()
+                     if name not in exported and re.sub(r"_total$", "", name) not in families)
+    assert missing == [], f"deploy/ names metrics the service does not export: {missing}"

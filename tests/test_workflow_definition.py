@@ -108,10 +108,12 @@ def test_the_readme_example_is_a_valid_definition() -> None:
 
 
 def test_the_client_side_stays_light(tmp_path: Path) -> None:
-    """The client and the task module validate and enqueue without importing LangGraph or LangChain."""
-    code = ("import sys, agentworker.client, agentworker.tasks.workflow_tasks, agentworker.workflows; "
+    """The client and the task modules validate and enqueue without importing LangGraph, LangChain, MCP or
+    a provider SDK."""
+    code = ("import sys, agentworker.client, agentworker.tasks.workflow_tasks, agentworker.tasks.agent_tasks, "
+            "agentworker.workflows, agentworker.tools; "
             "heavy = [m for m in sys.modules if m.split('.')[0] in ('langgraph', 'langchain', 'langchain_core', "
-            "'psycopg')]; print(heavy)")
+            "'psycopg', 'mcp', 'langchain_mcp_adapters', 'openai', 'langchain_openai', 'aiosmtplib')]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
                          check=True)
     assert out.stdout.strip() == "[]"

@@ -151,20 +151,35 @@ async def test_a_step_that_keeps_failing_fails_the_run_and_the_job(serving: Any,
     assert await counts(redis, tenant, ["first", "broken", "never"]) == {"first": 1, "broken": 2, "never": 0}
 
 
-async def test_agent_steps_fail_clearly_until_the_tool_agent_exists(serving: Any) -> None:
+async def test_agent_steps_run_the_tool_agent_with_the_listed_tools(serving: Any) -> None:
     client = serving
     tenant = new_tenant("agent")
     await client.save_workflow(tenant, {"id": "agentic", "steps": [
-        {"id": "think", "kind": "agent", "instructions": "Plan {{ input.goal }}", "tools": ["echo"],
+        {"id": "think", "kind": "agent", "tools": ["echo", "notify"],
+         "instructions": 'Plan {{ input.goal }}\ncall echo {"goal": "{{ input.goal }}"}\n'
+                         'call notify {"text": "planned"}'},
+        {"id": "other", "kind": "agent", "depends_on": ["think"], "tools": ["echo"],
+         "instructions": 'call notify {"text": "not listed, so never called"}'},
+        {"id": "broken", "kind": "agent", "depends_on": ["other"], "tools": ["send_fax"], "instructions": "x",
          "retry": {"max_attempts": 3}}]})
     job = await client.enqueue("execute_workflow", tenant_id=tenant,
                                payload={"workflow_id": "agentic", "input_data": {"goal": "a trip"}})
     with pytest.raises(JobFailed) as info:
         await job.result(timeout=60)
-    assert "agent steps need the tool agent" in info.value.message
+    assert "failed at step 'broken': step 'broken': tool(s) 'send_fax' not available to tenant" in info.value.message
     (run,) = await client.list_runs(tenant)
     run = await client.get_run(tenant, run.run_id)
-    assert run is not None and [s.attempt for s in run.steps] == [1], "not retried: retrying cannot help"
+    assert run is not None
+    outputs = {s.step_id: s.output for s in run.steps}
+    think = outputs["think"]
+    assert think["model"] == "offline" and [c["tool"] for c in think["tool_calls"]] == ["echo", "notify"]
+    assert {c["status"] for c in think["tool_calls"]} == {"success"}
+    assert think["text"].startswith('[offline] echo returned {\n  "goal": "a trip"\n}')
+    assert outputs["other"]["tool_calls"] == [], "a tool the step does not list is not offered to its agent"
+    assert [s.attempt for s in run.steps if s.step_id == "broken"] == [1], "not retried: retrying cannot help"
+    events = await collect_events(client, tenant, lambda e: e.event == "workflow_run_failed")
+    assert [e.data["message"] for e in events if e.event == "workflow_notification"] == [{"text": "planned"}]
+    assert any(e.event == "agent_tool_call" and e.data["step_id"] == "think" for e in events)
 
 
 async def test_http_llm_and_builtin_tool_steps(serving: Any, http_peer: Any) -> None:

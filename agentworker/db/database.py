@@ -26,7 +26,7 @@ APP_ROLE = "agentworker_app"
 SCHEMA = "agentworker"
 TENANT_SETTING = "agentworker.tenant_id"
 #: The newest migration the code expects; older databases are refused with "run agentworker migrate".
-REQUIRED_MIGRATION = 1
+REQUIRED_MIGRATION = 2
 
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,

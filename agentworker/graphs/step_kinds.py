@@ -42,7 +42,7 @@ class StepEnvironment:
     def tool_context(self, step_id: str, call_key: str) -> ToolContext:
         return ToolContext(tenant_id=self.tenant_id, run_id=self.run_id, step_id=step_id, log=self.log,
                            idempotency_key=effect_key(self.tenant_id, self.run_id, step_id, call_key),
-                           emit=self.emit)
+                           emit=self.emit, database=self.ledger.database)
 
 
 async def execute(step: StepBase, values: Mapping[str, Any], env: StepEnvironment) -> Any:

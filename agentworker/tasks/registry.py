@@ -28,7 +28,8 @@ TaskFunction = Callable[..., Awaitable[Any]]
 F = TypeVar("F", bound=TaskFunction)
 
 #: Modules every worker imports for their tasks.
-BUILTIN_TASK_MODULES: tuple[str, ...] = ("agentworker.tasks.diagnostic", "agentworker.tasks.workflow_tasks")
+BUILTIN_TASK_MODULES: tuple[str, ...] = ("agentworker.tasks.diagnostic", "agentworker.tasks.workflow_tasks",
+                                         "agentworker.tasks.agent_tasks")
 
 
 class PayloadError(TypeError):

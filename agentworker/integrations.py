@@ -1,0 +1,166 @@
+"""What a tenant configures for its agents: SMTP, CRM, external MCP servers and its chat model.
+
+Saved through :meth:`agentworker.client.AgentWorkerClient.save_integration`, stored per tenant in
+PostgreSQL (``agentworker.tenant_integrations``, under row-level security) and read by the tools and
+agents of that tenant's jobs only. Secrets are :class:`pydantic.SecretStr` (their ``repr`` is masked),
+sit in the stored JSON under keys the log filter masks (``password``, ``token``, ``api_key``,
+``headers``), and are never put in an error message: :func:`parse_integration` reports the path and the
+problem of a bad value, not the value.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+#: LLM calls and tool calls never wait longer than this (the seed's rule for LLM calls)
+MAX_TIMEOUT_SECONDS = 60.0
+INTEGRATION_KINDS = ("smtp", "crm", "mcp", "model")
+DEFAULT_NAME = "default"
+MCP_SERVER_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
+_EMAIL_RE = re.compile(r"^[^@\s<>,;\"()\[\]]+@[^@\s<>,;\"()\[\]]+\.[^@\s<>,;\"()\[\]]+$")
+
+Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_SECONDS)]
+
+
+class IntegrationError(ValueError):
+    """Settings that cannot be used: unknown kind, bad name or invalid values (never echoed)."""
+
+
+def _email(value: str) -> str:
+    if not _EMAIL_RE.fullmatch(value):
+        raise ValueError("not an email address like name@example.com")
+    return value
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+EmailAddress = Annotated[str, Field(max_length=254), AfterValidator(_email)]
+HttpUrl = Annotated[str, Field(min_length=8, max_length=2000), AfterValidator(_http_url)]
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def stored(self) -> dict[str, Any]:
+        """The JSON stored in the database (secrets revealed: the table is the secret store)."""
+        revealed: dict[str, Any] = _reveal(self.model_dump(mode="python", exclude_none=True))
+        return revealed
+
+    def masked(self) -> dict[str, Any]:
+        """The JSON shown to people and logs: every secret replaced by ``***``."""
+        masked: dict[str, Any] = _mask(self.model_dump(mode="python", exclude_none=True))
+        return masked
+
+
+class SmtpSettings(_Settings):
+    """Where and as whom the tenant's email is sent."""
+
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(default=587, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    from_address: EmailAddress
+    #: starttls (upgrade after connecting, port 587), tls (implicit, port 465) or none (local relays only)
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    timeout: Timeout = 30.0
+
+
+class CrmSettings(_Settings):
+    """The tenant's CRM HTTP API (see :mod:`agentworker.tools.crm` for the endpoints used)."""
+
+    base_url: HttpUrl
+    token: SecretStr
+    timeout: Timeout = 15.0
+
+
+class McpServerSettings(_Settings):
+    """An external MCP server (streamable HTTP) whose tools the tenant's tool agent may use."""
+
+    url: HttpUrl
+    #: sent with every request (e.g. ``Authorization``); treated as secrets
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    timeout: Timeout = 30.0
+    #: tools of this server (names as the server gives them) that wait for a person's approval
+    approval_required: list[str] = Field(default_factory=list)
+
+
+class ModelSettings(_Settings):
+    """The tenant's chat model: ``offline`` or a LangChain provider string, with its connection."""
+
+    model: str = Field(default="offline", min_length=1, max_length=200)
+    base_url: HttpUrl | None = None
+    api_key: SecretStr | None = None
+    #: seconds per request, at most 60
+    timeout: Timeout = MAX_TIMEOUT_SECONDS
+    #: retries of a failed or timed-out request (bounded)
+    max_retries: int = Field(default=2, ge=0, le=5)
+    #: ask the provider for a streamed (SSE) answer
+    streaming: bool = False
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    #: estimated tokens of conversation sent to the model; older turns are trimmed to fit
+    context_tokens: int = Field(default=8000, ge=256, le=2_000_000)
+
+
+SETTINGS_BY_KIND: dict[str, type[_Settings]] = {
+    "smtp": SmtpSettings, "crm": CrmSettings, "mcp": McpServerSettings, "model": ModelSettings,
+}
+
+
+def check_kind_and_name(kind: str, name: str) -> None:
+    if kind not in SETTINGS_BY_KIND:
+        raise IntegrationError(f"unknown integration kind {kind!r}: use one of {', '.join(INTEGRATION_KINDS)}")
+    if kind == "mcp":
+        if not isinstance(name, str) or not re.fullmatch(MCP_SERVER_NAME_PATTERN, name):
+            raise IntegrationError(f"invalid MCP server name {name!r}: 1-31 lowercase letters, digits or '_', "
+                                   "starting with a letter")
+    elif name != DEFAULT_NAME:
+        raise IntegrationError(f"a tenant has one {kind} integration: its name is {DEFAULT_NAME!r}, not {name!r}")
+
+
+def parse_integration(kind: str, config: Any, name: str = DEFAULT_NAME) -> _Settings:
+    """Validate ``config`` for ``kind``; :class:`IntegrationError` names each bad key, never its value."""
+    check_kind_and_name(kind, name)
+    if isinstance(config, _Settings):
+        config = config.stored()
+    if not isinstance(config, dict):
+        raise IntegrationError(f"{kind} settings must be an object, got {type(config).__name__}")
+    try:
+        return SETTINGS_BY_KIND[kind].model_validate(config)
+    except ValidationError as exc:
+        raise IntegrationError(f"invalid {kind} settings: {describe_errors(exc)}") from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """``path: problem; ...`` without the offending input (it may be a password)."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False):
+        path = ".".join(str(p) for p in error["loc"]) or "(root)"
+        parts.append(f"{path}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def _reveal(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: _reveal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_reveal(v) for v in value]
+    return value
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return "***"
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v) for v in value]
+    return value
