@@ -35,11 +35,14 @@ Agents' tenant settings (validated; secrets masked in everything returned):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -47,19 +50,22 @@ from redis.asyncio import Redis
 
 from agentworker import jobs, keys
 from agentworker.admission import Admission, Enqueuer
-from agentworker.config import QuotaConfig, load_config
+from agentworker.config import ConfigError, QuotaConfig, QuotaFileWatch, load_config, resolve_config_path
 from agentworker.db import Database, definitions, open_database, runs
 from agentworker.db import integrations as integration_rows
 from agentworker.db.definitions import StoredWorkflow
 from agentworker.db.runs import RunRecord
 from agentworker.events import Event, read_events
 from agentworker.integrations import DEFAULT_NAME, SETTINGS_BY_KIND, check_kind_and_name, parse_integration
+from agentworker.logs import get_logger
 from agentworker.routing import Route, route_tenant
 from agentworker.settings import Settings
 from agentworker.workflows import WorkflowDefinition, parse_workflow
 
 #: ARQ's margin after a job's due time before its record expires unclaimed (1 day).
 JOB_EXPIRY_MS = 86_400_000
+
+log = get_logger("agentworker.client")
 
 
 class QuotaExceeded(Exception):
@@ -170,12 +176,23 @@ class AgentWorkerClient:
     """Routes, admits and enqueues jobs; reads results and events. Use as an async context manager."""
 
     def __init__(self, redis: Redis, config: QuotaConfig, settings: Settings | None = None, *,
-                 database: Database | None = None) -> None:
+                 database: Database | None = None, config_path: str | os.PathLike[str] | None = None) -> None:
         """``database``: an open :class:`~agentworker.db.Database` to use (and leave open); without it,
-        the workflow methods connect to ``settings.database_url`` on first use and :meth:`close` closes it."""
+        the workflow methods connect to ``settings.database_url`` on first use and :meth:`close` closes it.
+
+        ``config_path``: the quota file ``config`` was read from. The client then re-reads it when its
+        content changes (checked at most every :attr:`config_check_interval` seconds, on use), so a
+        long-lived client follows quota edits (routing, ``max_pending``, ``rate_limit``) the way the
+        workers do; a new file that does not validate is ignored and the running config stays."""
         self.redis = redis
         self.config = config
         self.settings = settings or Settings()
+        self.config_check_interval = 2.0
+        self._config_watch = QuotaFileWatch(Path(config_path)) if config_path is not None else None
+        self._config_checked_at = time.monotonic()
+        if self._config_watch is not None:
+            with contextlib.suppress(ConfigError):
+                self._config_watch.seen_hash = self._config_watch.read()[1]
         self._enqueuer = Enqueuer(redis)
         self._database = database
         self._owns_database = False
@@ -185,8 +202,10 @@ class AgentWorkerClient:
     def from_settings(cls, settings: Settings | None = None, *, config: QuotaConfig | None = None) -> Self:
         """A client on ``AGENTWORKER_REDIS_URL`` with the quota file of ``AGENTWORKER_CONFIG``."""
         settings = settings or Settings.from_env()
-        config = config or load_config(settings.config)
-        return cls(Redis.from_url(settings.redis_url), config, settings)
+        if config is not None:
+            return cls(Redis.from_url(settings.redis_url), config, settings)
+        path = resolve_config_path(settings.config)
+        return cls(Redis.from_url(settings.redis_url), load_config(path), settings, config_path=path)
 
     async def __aenter__(self) -> Self:
         return self
@@ -201,7 +220,26 @@ class AgentWorkerClient:
             await self._database.close()
             self._database = None
 
+    def refresh_config(self, *, force: bool = False) -> bool:
+        """Re-read the quota file if its content changed; True if a new config was taken."""
+        watch = self._config_watch
+        now = time.monotonic()
+        if watch is None or (not force and now - self._config_checked_at < self.config_check_interval):
+            return False
+        self._config_checked_at = now
+        if not watch.changed():
+            return False
+        try:
+            self.config = watch.load()
+        except ConfigError as exc:
+            log.warning("quota file changed but does not validate; keeping the running config",
+                        errors=exc.errors)
+            return False
+        log.info("quota file reloaded by the client", path=str(watch.path))
+        return True
+
     def route(self, tenant_id: str) -> Route:
+        self.refresh_config()
         return route_tenant(self.config, tenant_id)
 
     def job(self, job_id: str) -> JobHandle:

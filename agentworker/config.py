@@ -18,6 +18,7 @@ thousands of small tenants still keeps each of them within bounds.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -279,3 +280,38 @@ def load_config(path: str | os.PathLike[str] | None = None) -> QuotaConfig:
         raise ConfigError(str(resolved), [f"cannot read the file: {exc.strerror or exc}"]) from None
     return load_config_text(text, source=str(resolved))
 
+
+class QuotaFileWatch:
+    """Reads the quota file and tells whether its content changed since the last read.
+
+    A Kubernetes ConfigMap mounted as a volume is updated by swapping a symlink (``..data``), so neither
+    the mtime of the path nor inotify on it is reliable: the watch compares a hash of the content. Used by
+    the supervisor (reload) and the client (live admission limits and routing).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen_hash: str | None = None
+
+    def read(self) -> tuple[str, str]:
+        """``(text, content hash)``; raises :class:`ConfigError` if the file cannot be read."""
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(str(self.path), [f"cannot read the file: {exc.strerror or exc}"]) from None
+        return data.decode("utf-8", errors="replace"), hashlib.sha256(data).hexdigest()
+
+    def changed(self) -> bool:
+        """True once per new content (a file that cannot be read is no change: a ConfigMap swap can
+        briefly leave no file behind the path)."""
+        try:
+            _text, digest = self.read()
+        except ConfigError:
+            return False
+        return digest != self.seen_hash
+
+    def load(self) -> QuotaConfig:
+        """Read and validate; the content counts as seen either way, so a bad file is reported once."""
+        text, digest = self.read()
+        self.seen_hash = digest
+        return load_config_text(text, source=str(self.path))

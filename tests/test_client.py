@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,10 +10,11 @@ import pytest
 from redis.asyncio import Redis
 
 from agentworker import jobs, keys
-from agentworker.client import JobStatus, QuotaExceeded, ResultTimeout
+from agentworker.client import AgentWorkerClient, JobStatus, QuotaExceeded, ResultTimeout
 from agentworker.events import EventPublisher
 from agentworker.jobs import InvalidJob
 from agentworker.routing import InvalidTenantId
+from agentworker.settings import Settings
 from tests.conftest import BASIC_QUOTAS, make_client
 
 
@@ -187,3 +189,23 @@ async def test_events_stream_is_capped(redis: Redis) -> None:
     for i in range(500):
         await publisher.publish("acme", "e", {"i": i})
     assert await redis.xlen(keys.event_stream("acme")) < 200
+
+
+async def test_a_long_lived_client_follows_quota_file_edits(redis: Redis, redis_url: str,
+                                                            write_quotas: Callable[..., Path]) -> None:
+    path = write_quotas(quotas_with({"acme": {"max_pending": 1}}))
+    settings = Settings(redis_url=redis_url, config=str(path))
+    async with AgentWorkerClient.from_settings(settings) as client:
+        client.config_check_interval = 0.0
+        await client.enqueue("echo", tenant_id="acme")
+        with pytest.raises(QuotaExceeded):
+            await client.enqueue("echo", tenant_id="acme")
+        # The operator raises the limit and moves a tenant to another pool: no client restart needed.
+        path.write_text(json.dumps(quotas_with({"acme": {"max_pending": 5}, "globex": {"pool": "premium"}})))
+        assert (await client.enqueue("echo", tenant_id="acme")).created
+        assert client.route("globex").pool == "premium"
+        # A broken edit is ignored: the running config stays.
+        path.write_text("pools: {standard: {concurrency: 0}}")
+        assert not client.refresh_config(force=True)
+        assert client.route("globex").pool == "premium"
+        assert (await client.enqueue("echo", tenant_id="acme")).created

@@ -6,12 +6,12 @@ the mtime of the path nor inotify on it is reliable: the watcher compares a hash
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from agentworker.config import ConfigError, PoolQuota, QuotaConfig, load_config_text
+from agentworker.config import PoolQuota, QuotaConfig, QuotaFileWatch
+
+__all__ = ["QuotaFileWatch", "ReloadPlan", "ReloadResult", "plan_reload", "worker_settings_differ"]
 
 #: the pool settings a worker process reads at start; changing one means replacing the process.
 #: The others (processes, memory_limit_mb, max_jobs_per_process, hang_timeout) are the supervisor's.
@@ -69,34 +69,3 @@ class ReloadResult:
         if self.plan is not None:
             body["changes"] = self.plan.as_dict()
         return body
-
-
-class QuotaFileWatch:
-    """Reads the quota file and tells whether its content changed since the last read."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.seen_hash: str | None = None
-
-    def read(self) -> tuple[str, str]:
-        """``(text, content hash)``; raises :class:`ConfigError` if the file cannot be read."""
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(str(self.path), [f"cannot read the file: {exc.strerror or exc}"]) from None
-        return data.decode("utf-8", errors="replace"), hashlib.sha256(data).hexdigest()
-
-    def changed(self) -> bool:
-        """True once per new content (a file that cannot be read is no change: a ConfigMap swap can
-        briefly leave no file behind the path)."""
-        try:
-            _text, digest = self.read()
-        except ConfigError:
-            return False
-        return digest != self.seen_hash
-
-    def load(self) -> QuotaConfig:
-        """Read and validate; the content counts as seen either way, so a bad file is reported once."""
-        text, digest = self.read()
-        self.seen_hash = digest
-        return load_config_text(text, source=str(self.path))
