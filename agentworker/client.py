@@ -30,6 +30,15 @@ Agents' tenant settings (validated; secrets masked in everything returned):
         await client.save_integration("acme", "smtp", {"host": ..., "from_address": ..., "password": ...})
         await client.save_integration("acme", "mcp", {"url": ..., "headers": {...}}, name="extras")
         print(await client.list_integrations("acme"))
+
+Schedules (cron, polling sources; validated, refused with one sentence when the cron expression or the
+time zone is not usable):
+
+.. code-block:: python
+
+        await client.save_schedule("acme", {"id": "nightly", "cron": "0 2 * * *", "timezone": "Europe/Paris",
+                                            "workflow_id": "cleanup"})
+        await client.disable_schedule("acme", "nightly")
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -53,12 +62,14 @@ from agentworker.admission import Admission, Enqueuer
 from agentworker.config import ConfigError, QuotaConfig, QuotaFileWatch, load_config, resolve_config_path
 from agentworker.db import Database, definitions, open_database, runs
 from agentworker.db import integrations as integration_rows
+from agentworker.db import schedules as schedule_rows
 from agentworker.db.definitions import StoredWorkflow
 from agentworker.db.runs import RunRecord
 from agentworker.events import Event, read_events
 from agentworker.integrations import DEFAULT_NAME, SETTINGS_BY_KIND, check_kind_and_name, parse_integration
 from agentworker.logs import get_logger
 from agentworker.routing import Route, route_tenant
+from agentworker.schedules.spec import ScheduleSpec, parse_schedule, schedule_view
 from agentworker.settings import Settings
 from agentworker.workflows import WorkflowDefinition, parse_workflow
 
@@ -382,6 +393,72 @@ class AgentWorkerClient:
         database = await self.database()
         async with database.tenant(tenant_id) as tx:
             return await integration_rows.delete_integration(tx, kind, name)
+
+    # -- schedules (PostgreSQL) ---------------------------------------------------------------------------
+
+    async def save_schedule(self, tenant_id: str, spec: dict[str, Any] | ScheduleSpec) -> dict[str, Any]:
+        """Create or replace the tenant's schedule ``spec["id"]``; return it as :meth:`get_schedule` does.
+
+        Raises :class:`~agentworker.schedules.InvalidSchedule` (one sentence naming each bad key: a cron
+        expression or time zone that cannot be used, a missing target, ...). A new or changed cron
+        expression (or time zone) starts at its first due time after now; re-saving it unchanged keeps the
+        pending due time; a polling source keeps its cursor while its URL stays.
+        """
+        parsed = parse_schedule(spec)
+        next_due = parsed.cron_schedule().next_after(datetime.now(UTC)) if parsed.enabled else None
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            row, _created = await schedule_rows.save_schedule(
+                tx, schedule_id=parsed.id, kind=parsed.kind, cron=parsed.cron, timezone=parsed.timezone,
+                spec=parsed.stored(), enabled=parsed.enabled, missed_policy=parsed.missed_policy,
+                misfire_grace_seconds=parsed.misfire_grace_seconds, next_due_at=next_due)
+        return schedule_view(row)
+
+    async def get_schedule(self, tenant_id: str, schedule_id: str) -> dict[str, Any] | None:
+        """The schedule (secrets masked) with its state: ``next_due_at``, ``last_due_at``, ``last_job_id``,
+        ``dispatched_count``, ``missed_count``, ``failures``, ``last_error``, ``backoff_until``,
+        ``poll_cursor``; None when the tenant has no such schedule."""
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            row = await schedule_rows.get_schedule(tx, schedule_id)
+        return None if row is None else schedule_view(row)
+
+    async def list_schedules(self, tenant_id: str) -> list[dict[str, Any]]:
+        """Every schedule of the tenant, by id, as :meth:`get_schedule` returns them."""
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            found = await schedule_rows.list_schedules(tx)
+        return [schedule_view(row) for row in found]
+
+    async def enable_schedule(self, tenant_id: str, schedule_id: str) -> dict[str, Any]:
+        """Enable a schedule: it fires from its first due time after now (nothing missed while disabled
+        runs). Raises :class:`ScheduleNotFound`."""
+        return await self._set_enabled(tenant_id, schedule_id, True)
+
+    async def disable_schedule(self, tenant_id: str, schedule_id: str) -> dict[str, Any]:
+        """Disable a schedule (nothing is dispatched until it is enabled). Raises :class:`ScheduleNotFound`."""
+        return await self._set_enabled(tenant_id, schedule_id, False)
+
+    async def delete_schedule(self, tenant_id: str, schedule_id: str) -> bool:
+        """Remove a schedule; False when there was none. Runs already enqueued are not recalled."""
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            return await schedule_rows.delete_schedule(tx, schedule_id)
+
+    async def _set_enabled(self, tenant_id: str, schedule_id: str, enabled: bool) -> dict[str, Any]:
+        database = await self.database()
+        async with database.tenant(tenant_id) as tx:
+            row = await schedule_rows.get_schedule(tx, schedule_id)
+            if row is None:
+                raise ScheduleNotFound(f"tenant {tenant_id!r} has no schedule {schedule_id!r}")
+            cron = ScheduleSpec.model_validate(row.spec).cron_schedule()
+            updated = await schedule_rows.set_enabled(tx, schedule_id, enabled, cron.next_after(datetime.now(UTC)))
+        assert updated is not None
+        return schedule_view(updated)
+
+
+class ScheduleNotFound(LookupError):
+    """The tenant has no schedule of that id."""
 
 
 def _defer_ms(defer: float | timedelta | datetime | None, now_ms: int) -> int:

@@ -1,4 +1,5 @@
-"""What a tenant configures for its agents: SMTP, CRM, external MCP servers and its chat model.
+"""What a tenant configures for its agents: SMTP, CRM, external MCP servers, its chat model, and the
+signing secrets of its incoming webhook sources.
 
 Saved through :meth:`agentworker.client.AgentWorkerClient.save_integration`, stored per tenant in
 PostgreSQL (``agentworker.tenant_integrations``, under row-level security) and read by the tools and
@@ -17,9 +18,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, Va
 
 #: LLM calls and tool calls never wait longer than this (the seed's rule for LLM calls)
 MAX_TIMEOUT_SECONDS = 60.0
-INTEGRATION_KINDS = ("smtp", "crm", "mcp", "model")
+INTEGRATION_KINDS = ("smtp", "crm", "mcp", "model", "webhook")
 DEFAULT_NAME = "default"
 MCP_SERVER_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
+WEBHOOK_SOURCE_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+_HEADER_NAME_PATTERN = r"^[A-Za-z0-9-]{1,100}$"
 _EMAIL_RE = re.compile(r"^[^@\s<>,;\"()\[\]]+@[^@\s<>,;\"()\[\]]+\.[^@\s<>,;\"()\[\]]+$")
 
 Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_SECONDS)]
@@ -108,8 +111,31 @@ class ModelSettings(_Settings):
     context_tokens: int = Field(default=8000, ge=256, le=2_000_000)
 
 
+def _signing_secret(value: SecretStr) -> SecretStr:
+    if not 16 <= len(value.get_secret_value()) <= 500:
+        raise ValueError("must be 16 to 500 characters")
+    return value
+
+
+class WebhookSettings(_Settings):
+    """An incoming webhook source (the integration's name): its signing secret and the workflow each
+    delivery starts (see :mod:`agentworker.schedules.webhooks` for the signature scheme)."""
+
+    secret: Annotated[SecretStr, AfterValidator(_signing_secret)]
+    workflow_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    #: carries ``sha256=<hex HMAC-SHA256>``
+    signature_header: str = Field(default="X-Signature", pattern=_HEADER_NAME_PATTERN)
+    #: carries the Unix time the provider signed at; covered by the signature
+    timestamp_header: str = Field(default="X-Signature-Timestamp", pattern=_HEADER_NAME_PATTERN)
+    #: seconds a signed timestamp stays acceptable; 0: no timestamp, the signature covers the body alone
+    tolerance_seconds: int = Field(default=300, ge=0, le=86_400)
+    #: carries the provider's delivery id, the deduplication key (without it: the body's digest)
+    delivery_header: str = Field(default="X-Delivery-Id", pattern=_HEADER_NAME_PATTERN)
+
+
 SETTINGS_BY_KIND: dict[str, type[_Settings]] = {
     "smtp": SmtpSettings, "crm": CrmSettings, "mcp": McpServerSettings, "model": ModelSettings,
+    "webhook": WebhookSettings,
 }
 
 
@@ -120,6 +146,10 @@ def check_kind_and_name(kind: str, name: str) -> None:
         if not isinstance(name, str) or not re.fullmatch(MCP_SERVER_NAME_PATTERN, name):
             raise IntegrationError(f"invalid MCP server name {name!r}: 1-31 lowercase letters, digits or '_', "
                                    "starting with a letter")
+    elif kind == "webhook":
+        if not isinstance(name, str) or not re.fullmatch(WEBHOOK_SOURCE_PATTERN, name):
+            raise IntegrationError(f"invalid webhook source name {name!r}: 1-63 lowercase letters, digits, '_' "
+                                   "or '-', starting with a letter")
     elif name != DEFAULT_NAME:
         raise IntegrationError(f"a tenant has one {kind} integration: its name is {DEFAULT_NAME!r}, not {name!r}")
 

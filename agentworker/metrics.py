@@ -52,3 +52,16 @@ LLM_TOKENS_TOTAL = Counter(
 
 def tenant_label(config: QuotaConfig, tenant_id: str | None) -> str:
     return tenant_id if tenant_id and tenant_id in config.tenants else OTHER_TENANT
+
+SCHEDULE_DISPATCHES_TOTAL = Counter(
+    "agentworker_schedule_dispatches_total", "Due times of tenant schedules by outcome: dispatched (a job was "
+    "enqueued), duplicate (its job already existed), missed (passed over by the missed-run policy), "
+    "over_quota (held back; dispatched later), error.", ["kind", "outcome"])
+POLLS_TOTAL = Counter(
+    "agentworker_polls_total", "Polls of external sources by outcome (success, error, backing_off, superseded).",
+    ["outcome"])
+POLL_ITEMS_TOTAL = Counter(
+    "agentworker_poll_items_total", "New items found by polls, each starting its workflow once.")
+WEBHOOKS_TOTAL = Counter(
+    "agentworker_webhooks_total", "Incoming webhooks by outcome (accepted, duplicate, bad_signature, stale, "
+    "unknown_source).", ["outcome"])

@@ -337,3 +337,27 @@ async def fake_crm() -> AsyncIterator[Any]:
         yield crm
     finally:
         await crm.stop()
+
+
+# -- schedules: tenants whose schedules are deleted after the test (the session's database is shared, and
+# every worker process of later tests dispatches whatever schedules it finds due there) -----------------------
+
+
+@pytest.fixture
+async def schedule_tenant(database_url: str) -> AsyncIterator[Callable[[str], str]]:
+    from agentworker.db import open_database
+
+    made: list[str] = []
+
+    def make(prefix: str = "sched") -> str:
+        made.append(new_tenant(prefix))
+        return made[-1]
+
+    yield make
+    db = await open_database(database_url)
+    try:
+        for tenant in made:
+            async with db.tenant(tenant) as tx:
+                await tx.execute("DELETE FROM agentworker.schedules")
+    finally:
+        await db.close()

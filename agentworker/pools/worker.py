@@ -48,6 +48,7 @@ from agentworker.logs import configure_logging, get_logger
 from agentworker.pools.arq_internals import ShardWorker
 from agentworker.pools.gate import ConcurrencyGate
 from agentworker.pools.leases import TenantLeases
+from agentworker.schedules.dispatcher import dispatch_for_worker
 from agentworker.settings import Settings, SettingsError
 from agentworker.tasks.context import JobRuntime
 from agentworker.tasks.envelope import make_job_function, make_reject_function
@@ -129,6 +130,8 @@ class WorkerProcess:
             asyncio.create_task(self.leases.renew_forever(), name="lease-renewal"),
             asyncio.create_task(self._listen_for_wakeups(), name="wakeups"),
             asyncio.create_task(self._write_status_forever(), name="status"),
+            # Tenant schedules: every worker process dispatches (see agentworker.schedules.dispatcher).
+            asyncio.create_task(dispatch_for_worker(self.runtime), name="schedule-dispatcher"),
         ]
         mains = [asyncio.create_task(w.main(), name=f"shard-{w.shard}") for w in self.workers]
         self.state = "serving"

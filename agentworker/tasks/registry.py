@@ -29,7 +29,7 @@ F = TypeVar("F", bound=TaskFunction)
 
 #: Modules every worker imports for their tasks.
 BUILTIN_TASK_MODULES: tuple[str, ...] = ("agentworker.tasks.diagnostic", "agentworker.tasks.workflow_tasks",
-                                         "agentworker.tasks.agent_tasks")
+                                         "agentworker.tasks.agent_tasks", "agentworker.tasks.scheduled_tasks")
 
 
 class PayloadError(TypeError):

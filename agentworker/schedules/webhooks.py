@@ -1,0 +1,157 @@
+"""Incoming webhooks: verify the signature first, deduplicate on the delivery id, start the workflow.
+
+The backend receives the provider's HTTP call and enqueues ``handle_webhook`` with the source's name, the
+request's headers and its raw body (``body_encoding="base64"`` for a body that is not UTF-8 text). The
+source is a tenant integration (kind ``webhook``, name = the source) holding the signing secret and the
+workflow to start (:class:`~agentworker.integrations.WebhookSettings`).
+
+**Signature.** ``<signature_header>: sha256=<hex>`` (default ``X-Signature``), the lowercase hex
+HMAC-SHA256, keyed with the source's secret, of:
+
+* ``<timestamp>.<body>`` when ``tolerance_seconds`` > 0 (the default, 300): the Unix time in seconds from
+  ``<timestamp_header>`` (default ``X-Signature-Timestamp``), a dot, and the raw body; a timestamp further
+  than ``tolerance_seconds`` from now is refused, so a captured request cannot be replayed later;
+* the raw body alone when ``tolerance_seconds`` is 0 (GitHub's ``X-Hub-Signature-256`` scheme).
+
+Verified before anything else, compared in constant time (:func:`hmac.compare_digest`). A request that
+fails — unknown source, missing or malformed header, wrong signature, stale timestamp — is rejected
+(the job fails with :class:`WebhookRejected`), logged without its body or any secret, counted in
+``agentworker_webhooks_total{outcome}``, and runs nothing.
+
+**Deduplication.** The delivery id is the ``<delivery_header>`` (default ``X-Delivery-Id``), else the
+SHA-256 of the body. It is recorded in ``agentworker.webhook_deliveries`` in the transaction that enqueues
+the workflow (job id ``{tenant}:execute_workflow:wh-{source}-{digest}``): a second delivery finds it and
+starts nothing. Deliveries older than :data:`DELIVERY_RETENTION_DAYS` are forgotten.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from agentworker import metrics
+from agentworker.client import AgentWorkerClient
+from agentworker.db import SCHEMA, Database
+from agentworker.db import integrations as integration_rows
+from agentworker.integrations import WEBHOOK_SOURCE_PATTERN, WebhookSettings
+from agentworker.jobs import make_job_id
+
+DELIVERY_RETENTION_DAYS = 30
+_MAX_DELIVERY_ID = 200
+#: headers never handed to the workflow (credentials, and the signature itself)
+_PRIVATE_HEADERS = ("authorization", "cookie", "proxy-authorization")
+
+
+class WebhookRejected(Exception):
+    """The webhook was refused before anything ran; ``outcome`` is the metric's label."""
+
+    def __init__(self, outcome: str, message: str) -> None:
+        self.outcome = outcome
+        super().__init__(message)
+
+
+def decode_body(body: str, encoding: str) -> bytes:
+    if encoding == "text":
+        return body.encode("utf-8")
+    if encoding == "base64":
+        try:
+            return base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("body is not valid base64") from None
+    raise ValueError(f"unknown body_encoding {encoding!r}: use 'text' or 'base64'")
+
+
+def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
+    """The signature header's value for ``body`` (what a provider sends; tests and clients use it)."""
+    message = body if timestamp is None else f"{timestamp}.".encode() + body
+    return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def verify(settings: WebhookSettings, headers: Mapping[str, str], body: bytes, now: float) -> None:
+    """Raise :class:`WebhookRejected` unless the request is signed with the source's secret."""
+    given = headers.get(settings.signature_header.lower(), "")
+    if not given.startswith("sha256=") or len(given) != 71:
+        raise WebhookRejected("bad_signature", f"missing or malformed {settings.signature_header} header "
+                                               "(expected sha256=<64 hex digits>)")
+    message = body
+    if settings.tolerance_seconds > 0:
+        raw = headers.get(settings.timestamp_header.lower(), "")
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 12:
+            raise WebhookRejected("bad_signature", f"missing or malformed {settings.timestamp_header} header "
+                                                   "(expected Unix seconds)")
+        if abs(now - int(raw)) > settings.tolerance_seconds:
+            raise WebhookRejected("stale", f"the signed timestamp is more than {settings.tolerance_seconds}s "
+                                           "from now")
+        message = f"{raw}.".encode() + body
+    expected = hmac.new(settings.secret.get_secret_value().encode(), message, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), given[7:].lower().encode("utf-8", "replace")):
+        raise WebhookRejected("bad_signature", "the signature does not match")
+
+
+def delivery_id_of(settings: WebhookSettings, headers: Mapping[str, str], body: bytes) -> str:
+    value = headers.get(settings.delivery_header.lower(), "").strip()
+    if not value or len(value) > _MAX_DELIVERY_ID or not value.isprintable():
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+    return value
+
+
+def _workflow_input(source: str, delivery_id: str, headers: Mapping[str, str], body: bytes,
+                    settings: WebhookSettings) -> dict[str, Any]:
+    hidden = {*_PRIVATE_HEADERS, settings.signature_header.lower()}
+    try:
+        payload: Any = json.loads(body)
+    except ValueError:
+        payload = body.decode("utf-8", "replace")
+    return {"source": source, "delivery_id": delivery_id, "payload": payload,
+            "headers": {k: v for k, v in sorted(headers.items()) if k not in hidden}}
+
+
+async def receive(database: Database, client: AgentWorkerClient, tenant_id: str, source: str,
+                  headers: Mapping[str, Any], body: bytes, log: Any, *, now: float | None = None) -> dict[str, Any]:
+    """Verify, deduplicate and start the source's workflow; return ``{"status", "delivery_id", "job_id"}``."""
+    lowered = {str(k).lower(): str(v) for k, v in headers.items()}
+    try:
+        settings = await _settings(database, tenant_id, source)
+        verify(settings, lowered, body, time.time() if now is None else now)
+    except WebhookRejected as exc:
+        metrics.WEBHOOKS_TOTAL.labels(exc.outcome).inc()
+        log.warning("webhook rejected", source=source, outcome=exc.outcome, reason=str(exc))
+        raise WebhookRejected(exc.outcome, f"webhook from source {source!r} rejected: {exc}") from None
+
+    delivery = delivery_id_of(settings, lowered, body)
+    key = f"wh-{source}-{hashlib.sha256(delivery.encode()).hexdigest()[:32]}"
+    async with database.tenant(tenant_id) as tx:
+        await tx.execute(f"DELETE FROM {SCHEMA}.webhook_deliveries WHERE source = $1 AND "
+                         f"received_at < now() - make_interval(days => {DELIVERY_RETENTION_DAYS})", source)
+        job_id = str(make_job_id(tenant_id, "execute_workflow", key))
+        inserted = await tx.fetchval(
+            f"INSERT INTO {SCHEMA}.webhook_deliveries (tenant_id, source, delivery_id, job_id) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING job_id", tenant_id, source, delivery, job_id)
+        if inserted is None:
+            metrics.WEBHOOKS_TOTAL.labels("duplicate").inc()
+            log.info("webhook delivery already received", source=source, delivery_id=delivery)
+            return {"status": "duplicate", "delivery_id": delivery, "job_id": job_id}
+        # Enqueued inside the transaction: if the commit is lost, the retry enqueues the same job id (a no-op).
+        handle = await client.enqueue("execute_workflow", tenant_id, idempotency_key=key, payload={
+            "workflow_id": settings.workflow_id, "trigger": "webhook",
+            "input_data": _workflow_input(source, delivery, lowered, body, settings)})
+    metrics.WEBHOOKS_TOTAL.labels("accepted").inc()
+    log.info("webhook accepted", source=source, delivery_id=delivery, job_id=handle.job_id)
+    return {"status": "accepted", "delivery_id": delivery, "job_id": handle.job_id}
+
+
+async def _settings(database: Database, tenant_id: str, source: str) -> WebhookSettings:
+    if not isinstance(source, str) or not re.fullmatch(WEBHOOK_SOURCE_PATTERN, source):
+        raise WebhookRejected("unknown_source", "not a webhook source name")
+    async with database.tenant(tenant_id) as tx:
+        config = await integration_rows.get_integration(tx, "webhook", source)
+    if config is None:
+        raise WebhookRejected("unknown_source", "the tenant has no webhook source of that name")
+    return WebhookSettings.model_validate(config)

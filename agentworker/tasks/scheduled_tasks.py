@@ -1,0 +1,72 @@
+"""The tasks of scheduled and external work (the logic is in :mod:`agentworker.schedules`):
+
+* ``poll_source(tenant_id, schedule_id, due_at)`` — enqueued by the dispatcher at each due time of a
+  ``poll`` schedule: reads the source after its cursor and starts the workflow once per new item;
+* ``handle_webhook(tenant_id, source, headers, body, body_encoding="text")`` — enqueued by the backend
+  for each incoming webhook call: verifies the signature, deduplicates, starts the source's workflow;
+* ``send_run_report(tenant_id, to, period_hours=24, period_end=None, subject=None)`` — emails the
+  tenant's run report for the period, once.
+
+All three retry on :class:`~agentworker.db.DatabaseUnavailable` (and the first two when the tenant is
+over its quota) with backoff while the pool's ``max_tries`` allow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from agentworker.client import AgentWorkerClient, QuotaExceeded
+from agentworker.db import Database, DatabaseUnavailable
+from agentworker.schedules import polling, reports, webhooks
+from agentworker.schedules.dispatcher import worker_database
+from agentworker.tasks.context import JobContext
+from agentworker.tasks.registry import task
+
+
+def _client(ctx: JobContext, database: Database) -> AgentWorkerClient:
+    # Borrows the worker's Redis client (never closed here) and its current quota file.
+    return AgentWorkerClient(ctx.runtime.redis, ctx.runtime.config, ctx.runtime.settings, database=database)
+
+
+def _emitter(ctx: JobContext) -> reports.Emit:
+    async def emit(event: str, data: dict[str, Any]) -> None:
+        try:
+            await ctx.emit(event, data)
+        except (RedisError, OSError) as exc:
+            ctx.log.warning("event not published", event_name=event, error=str(exc))
+
+    return emit
+
+
+@task(retry_on=(DatabaseUnavailable, QuotaExceeded))
+async def poll_source(ctx: JobContext, tenant_id: str, schedule_id: str, due_at: str | None = None) -> dict[str, Any]:
+    """Poll the source of schedule ``schedule_id`` (``due_at``: the due time that dispatched this poll)."""
+    database = await worker_database(ctx.runtime)
+    result = await polling.poll_once(database, _client(ctx, database), tenant_id, schedule_id,
+                                     ctx.log.bind(schedule_id=schedule_id, due_at=due_at))
+    return result.to_dict()
+
+
+@task(retry_on=(DatabaseUnavailable, QuotaExceeded))
+async def handle_webhook(ctx: JobContext, tenant_id: str, source: str, headers: dict[str, Any], body: str,
+                         body_encoding: str = "text") -> dict[str, Any]:
+    """Verify an incoming webhook of ``source`` and start its workflow once per delivery."""
+    if not isinstance(headers, dict) or not isinstance(body, str):
+        raise ValueError("headers must be a JSON object and body a string")
+    raw = webhooks.decode_body(body, body_encoding)
+    database = await worker_database(ctx.runtime)
+    return await webhooks.receive(database, _client(ctx, database), tenant_id, source, headers, raw,
+                                  ctx.log.bind(webhook_source=source))
+
+
+@task(retry_on=(DatabaseUnavailable,))
+async def send_run_report(ctx: JobContext, tenant_id: str, to: list[str], period_hours: int = 24,
+                          period_end: str | None = None, subject: str | None = None) -> dict[str, Any]:
+    """Email the tenant's run report for the ``period_hours`` before ``period_end`` (default: now), once."""
+    if not isinstance(to, list) or not all(isinstance(address, str) for address in to):
+        raise ValueError("to must be a list of email addresses")
+    database = await worker_database(ctx.runtime)
+    return await reports.send_report(database, tenant_id, to, period_hours=period_hours, period_end=period_end,
+                                     subject=subject, log=ctx.log, emit=_emitter(ctx))
