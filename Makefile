@@ -28,5 +28,11 @@ deploy-check: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[deploy]'
 	$(BIN)/python deploy/check.py
 
+# The benchmarks (bench/): agentworker against plain ARQ and SAQ on a private redis-server; ~6 minutes.
+# Prints a table and writes bench/results/*.json. `python -m bench --help` for subsets and --quick.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench
+
 clean:
 	rm -rf $(VENV) .ci-venv .pytest_cache .mypy_cache .ruff_cache

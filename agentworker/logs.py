@@ -7,6 +7,7 @@ masked before rendering, whatever code logged them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -19,10 +20,16 @@ _SECRET_MARKERS = ("password", "passwd", "secret", "token", "api_key", "apikey",
                    "credential")
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_secret_key(key: str) -> bool:
+    # Cached: log keys are few and every line checks each of them (this runs twice per job).
+    lowered = key.lower()
+    return any(marker in lowered for marker in _SECRET_MARKERS)
+
+
 def _mask_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event):
-        lowered = key.lower()
-        if any(marker in lowered for marker in _SECRET_MARKERS):
+        if _is_secret_key(key):
             event[key] = "***"
     return event
 

@@ -42,6 +42,10 @@ AGENTWORKER_CONFIG_POLL_INTERVAL       2                               seconds b
                                                                        file's content (0 = no watching)
 AGENTWORKER_WORKER_START_TIMEOUT       60                              seconds a new worker has to write its
                                                                        first heartbeat before it is hung
+AGENTWORKER_ZYGOTE                     on                              on: workers are forked from a pre-imported
+                                                                       parent (Linux); off: each starts afresh
+AGENTWORKER_ZYGOTE_PRELOAD             (none)                          extra comma-separated modules the zygote
+                                                                       imports before forking workers
 =====================================  ==============================  ==========================================
 """
 
@@ -83,6 +87,8 @@ class Settings:
     restart_backoff_max: float = 30.0
     config_poll_interval: float = 2.0
     worker_start_timeout: float = 60.0
+    zygote: str = "on"
+    zygote_preload: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -120,6 +126,8 @@ class Settings:
             raise SettingsError(f"AGENTWORKER_PORT={self.port}: must be from 0 to 65535")
         if self.restart_backoff_max < self.restart_backoff_initial:
             raise SettingsError("AGENTWORKER_RESTART_BACKOFF_MAX must be >= AGENTWORKER_RESTART_BACKOFF_INITIAL")
+        if self.zygote not in ("on", "off"):
+            raise SettingsError(f"AGENTWORKER_ZYGOTE={self.zygote!r}: use on or off")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("AGENTWORKER_REDIS_URL must start with redis://, rediss:// or unix://")
 

@@ -11,12 +11,15 @@ found and claimed:
   skip so a capped tenant at the head of a queue cannot hide the jobs behind it;
 * ``start_jobs``: takes a slot of the shared :class:`~agentworker.pools.gate.ConcurrencyGate`, then
   claims the job and its tenant's lease in one Lua round trip (ARQ's claim alone is a WATCH/MULTI of
-  four); a tenant at its cap leaves the job queued without spending a try.
+  four); a tenant at its cap leaves the job queued without spending a try;
+* ``finish_job``: ARQ's own MULTI/EXEC of five commands, as one script (same writes, same atomicity, a
+  fifth of the client-side work: a busy worker spends its CPU in redis-py, not in Redis).
 
 Attributes of ``arq.worker.Worker`` relied on, checked by ``tests/test_arq_internals.py``:
 ``pool``, ``queue_name``, ``tasks``, ``job_counter``, ``allow_pick_jobs``, ``in_progress_timeout_s``,
-``queue_read_limit``, ``poll_delay_s``, ``ctx``, ``run_job(job_id, score)``, ``finish_job``, and
-``main``, ``_poll_iteration``, ``start_jobs`` as override points.
+``queue_read_limit``, ``poll_delay_s``, ``ctx``, ``run_job(job_id, score)``, and ``main``,
+``_poll_iteration``, ``start_jobs``, ``finish_job`` (its parameters and its writes) as override points;
+ARQ's key prefixes (``arq.constants``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from arq.connections import ArqRedis
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.jobs import Deserializer, Serializer
 from arq.utils import timestamp_ms
 from arq.worker import Function, Worker
@@ -66,6 +70,29 @@ if KEYS[3] then redis.call('ZREM', KEYS[3], ARGV[1]) end
 return score
 """
 
+# ARQ's finish_job (arq 0.28, a MULTI/EXEC) in one script, same writes in the same order. KEYS: in-progress,
+# result, retry, job, abort set, queue. ARGV: job id; ms to keep the in-progress key ('' = delete it);
+# '1' if the job is finished; the result ('' = none); its expiry in ms ('' = none); a score increment
+# for a job to run again ('' = none).
+_FINISH_LUA = """
+local delete = {}
+if ARGV[2] == '' then table.insert(delete, KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if ARGV[3] == '1' then
+  if ARGV[4] ~= '' then
+    if ARGV[5] == '' then redis.call('SET', KEYS[2], ARGV[4])
+    else redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5]) end
+  end
+  table.insert(delete, KEYS[3])
+  table.insert(delete, KEYS[4])
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  redis.call('ZREM', KEYS[6], ARGV[1])
+elseif ARGV[6] ~= '' then
+  redis.call('ZINCRBY', KEYS[6], ARGV[6], ARGV[1])
+end
+if #delete > 0 then redis.call('DEL', unpack(delete)) end
+return 1
+"""
+
 #: tenant id -> its max_concurrency, or None for no cap
 TenantCap = Callable[[str], int | None]
 #: called with the tenant id when one of its jobs is left queued because the tenant is at its cap
@@ -78,6 +105,10 @@ ARQ_WORKER_ATTRIBUTES: Sequence[str] = (
     "queue_read_limit", "poll_delay_s", "ctx", "run_job", "main", "_poll_iteration", "start_jobs",
     "finish_job",
 )
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)  # as arq.utils.to_ms
 
 
 def tenant_of_job_id(job_id: str) -> str | None:
@@ -132,6 +163,7 @@ class ShardWorker(Worker):
         self._on_deferred = on_deferred
         self._on_done = on_done
         self._claim = redis.register_script(_CLAIM_LUA)
+        self._finish = redis.register_script(_FINISH_LUA)
         self._wakeup = asyncio.Event()
         self._stopped = False
         self._read_offset = 0
@@ -242,6 +274,25 @@ class ShardWorker(Worker):
                 if not started:
                     self.gate.release()
         return skipped
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        """ARQ's ``finish_job`` as one script (see ``_FINISH_LUA``)."""
+        keep_ms = "" if keep_in_progress is None else _ms(keep_in_progress)
+        expiry = None if keep_result_forever else result_timeout_s
+        await self._finish(
+            keys=[in_progress_key_prefix + job_id, result_key_prefix + job_id, retry_key_prefix + job_id,
+                  job_key_prefix + job_id, abort_jobs_ss, self.queue_name],
+            args=[job_id, keep_ms, "1" if finish else "0", result_data or b"",
+                  "" if expiry is None else _ms(expiry), incr_score or ""])
 
     # -- internals -------------------------------------------------------------------------------------
 

@@ -11,6 +11,10 @@ each :meth:`Supervisor.turn` acts on them, then, in order:
    reload changed, gets a replacement first and drains only once the replacement serves;
 4. SIGKILLs whatever outlived its stop deadline.
 
+Workers are forked from the zygote (:mod:`agentworker.supervisor.zygote`) when there is one, else started
+with ``posix_spawn``; either way they are the supervisor's children, reaped in step 1. Between ticks the
+loop also wakes when a slot's restart backoff ends, so a restart is not late by up to a tick.
+
 Turns are short and never wait on the network: Redis work (routing table, queue depths) happens in
 :mod:`agentworker.supervisor.observer`, so a Redis outage cannot stall process supervision.
 """
@@ -33,6 +37,7 @@ from agentworker.supervisor.metrics_archive import MetricsArchive
 from agentworker.supervisor.process import ExitRecord, WorkerHandle
 from agentworker.supervisor.reload import QuotaFileWatch, ReloadResult, plan_reload, worker_settings_differ
 from agentworker.supervisor.slots import PoolState, WorkerSlot
+from agentworker.supervisor.zygote import Zygote
 
 log = get_logger("agentworker.supervisor")
 
@@ -50,8 +55,10 @@ class Supervisor:
     """Keeps ``processes`` workers per pool of the quota file, in numbered slots."""
 
     def __init__(self, *, settings: Settings, watch: QuotaFileWatch, config: QuotaConfig, run_dir: Path,
-                 metrics: MetricsArchive, child_env: dict[str, str], spawner: Spawner = process.spawn) -> None:
-        """``config`` is what ``watch.load()`` returned: the watch compares later content with it."""
+                 metrics: MetricsArchive, child_env: dict[str, str], spawner: Spawner = process.spawn,
+                 zygote: Zygote | None = None) -> None:
+        """``config`` is what ``watch.load()`` returned: the watch compares later content with it.
+        ``zygote``: start workers by forking them from it (falling back to ``spawner`` while it is down)."""
         self.settings = settings
         self.config = config
         self.config_path = watch.path
@@ -59,6 +66,7 @@ class Supervisor:
         self.metrics = metrics
         self.child_env = child_env
         self._spawn = spawner
+        self.zygote = zygote
         self.watch = watch
         self.pools: dict[str, PoolState] = {}
         self.leaving: list[WorkerSlot] = []  # slots of removed pools or shrunk pools, draining
@@ -114,7 +122,7 @@ class Supervisor:
                 if self.draining and not any(True for _ in self.handles()):
                     break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), TICK_S)
+                    await asyncio.wait_for(self._wakeup.wait(), self._sleep_time())
                 self._wakeup.clear()
         finally:
             self.finished.set()
@@ -132,8 +140,13 @@ class Supervisor:
         self._handle_reloads(now)
         for pid, code in process.reap():
             self._on_exit(pid, code)
+        if self.zygote is not None and not self.draining:
+            self.zygote.maintain(now)
         for handle in self.handles():
             handle.refresh()
+        # After reaping: a slot whose worker just died with no backoff to wait (it had run stably) is
+        # started in this very turn.
+        now = time.monotonic()
         if not self.draining:
             for pool in self.pools.values():
                 for slot in pool.slots:
@@ -154,11 +167,31 @@ class Supervisor:
             yield from pool.slots
         yield from self.leaving
 
+    def _sleep_time(self) -> float:
+        """Seconds until the next turn: TICK_S, or less when a restart or a kill is due sooner (a slot's
+        backoff ending between two ticks would otherwise wait for the next one)."""
+        now = time.monotonic()
+        deadlines = [h.kill_at for h in self.handles() if h.kill_at is not None and not h.killed]
+        if not self.draining:
+            if not self._holding_starts():  # else the zygote's ready message wakes the loop
+                deadlines += [s.next_start_at for s in self.slots() if s.current is None and not s.removed]
+            if self.zygote is not None and (due := self.zygote.next_deadline()) is not None:
+                deadlines.append(due)
+        future = [d for d in deadlines if d > now]
+        return min(TICK_S, max(0.001, min(future) - now)) if future else TICK_S
+
+    def _holding_starts(self) -> bool:
+        """The first workers wait for the first zygote to be ready, so that they share its memory."""
+        return self.zygote is not None and self.zygote.warming
+
     def _start(self, pool: PoolState, slot: WorkerSlot) -> WorkerHandle | None:
         status_path = self.run_dir / f"{pool.name}-{slot.index}-{time.monotonic_ns()}.json"
         argv = process.worker_argv(self.config_path, pool.name, slot.index, status_path)
         try:
-            pid = self._spawn(argv, self.child_env)
+            if self.zygote is not None:
+                pid, via = self.zygote.spawn(argv, self.child_env)
+            else:
+                pid, via = self._spawn(argv, self.child_env), "spawn"
         except OSError as exc:
             delay = slot.backoff.failed(0.0)
             slot.next_start_at = slot.replace_not_before = time.monotonic() + delay
@@ -166,7 +199,7 @@ class Supervisor:
             return None
         handle = WorkerHandle(pid=pid, pool=pool.name, slot=slot.index, status_path=status_path, quota=pool.quota)
         self.by_pid[pid] = (slot, handle)
-        log.info("worker started", pool=pool.name, slot=slot.index, worker_pid=pid)
+        log.info("worker started", pool=pool.name, slot=slot.index, worker_pid=pid, via=via)
         return handle
 
     def _count_restart(self, slot: WorkerSlot, reason: str) -> None:
@@ -175,6 +208,9 @@ class Supervisor:
         slot.restarts += 1
 
     def _on_exit(self, pid: int, code: int) -> None:
+        if self.zygote is not None and self.zygote.owns(pid):
+            self.zygote.exited(pid, code)
+            return
         entry = self.by_pid.pop(pid, None)
         if entry is None:
             log.debug("reaped a process that is not a worker (orphan)", orphan_pid=pid, code=code)
@@ -244,7 +280,7 @@ class Supervisor:
             slot.current, slot.incoming, slot.incoming_reason = slot.incoming, None, None
         current = slot.current
         if current is None:
-            if now >= slot.next_start_at:
+            if now >= slot.next_start_at and not self._holding_starts():
                 slot.current = self._start(pool, slot)
             return
         if current.serving and current.uptime >= STABLE_AFTER and slot.backoff.failures:
@@ -254,7 +290,7 @@ class Supervisor:
         if reason is None and current.serving and current.uptime >= STABLE_AFTER:
             slot.memory_backoff.succeeded()
         if (slot.incoming is None and reason is not None and now >= slot.replace_not_before
-                and (reason != "reload" or not pool.replacing)):
+                and (reason != "reload" or not pool.replacing) and not self._holding_starts()):
             log.info("starting a replacement worker", pool=pool.name, slot=slot.index, old_pid=current.pid,
                      reason=reason, rss=current.rss)
             slot.incoming = self._start(pool, slot)

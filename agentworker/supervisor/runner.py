@@ -1,9 +1,10 @@
 """``agentworker run``: wire the reconcile loop, the Redis observer and the HTTP port together.
 
 Start order: bind the HTTP port first (a port in use fails fast, before any worker starts), prepare
-the run and metrics directories, then start the loop, which spawns the workers. Signals only set flags
-on the supervisor: SIGTERM/SIGINT drain and exit 0 (a second one kills the workers at once), SIGHUP
-reloads the quota file, SIGCHLD wakes the loop to reap.
+the run and metrics directories, start the zygote (the workers' pre-imported parent), then start the
+loop, which starts the workers. Signals only set flags on the supervisor: SIGTERM/SIGINT drain and exit
+0 (a second one kills the workers at once), SIGHUP reloads the quota file, SIGCHLD wakes the loop to
+reap.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from agentworker.supervisor.observer import RedisObserver
 from agentworker.supervisor.reconcile import TICK_S, Supervisor
 from agentworker.supervisor.reload import QuotaFileWatch
 from agentworker.supervisor.report import SupervisorCollector, pool_health, status_document
+from agentworker.supervisor.zygote import Zygote
 
 log = get_logger("agentworker.supervisor")
 
@@ -130,6 +132,7 @@ async def serve(settings: Settings, config_path: Path) -> int:
     runner: web.AppRunner | None = None
     observer_task: asyncio.Task[None] | None = None
     supervisor: Supervisor | None = None
+    zygote: Zygote | None = None
     try:
         try:
             archive.reset()
@@ -157,6 +160,8 @@ async def serve(settings: Settings, config_path: Path) -> int:
             loop.add_signal_handler(sig, supervisor.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: supervisor.request_reload("SIGHUP"))
         loop.add_signal_handler(signal.SIGCHLD, supervisor.wake)
+        # After the port is bound (a port in use fails before anything starts); before the first turn.
+        zygote = supervisor.zygote = Zygote.create(settings, supervisor.child_env, supervisor.wake)
 
         log.info("supervisor started", port=settings.port, host=settings.http_host, config=str(config_path),
                  pools={name: pool.processes for name, pool in config.pools.items()},
@@ -168,6 +173,8 @@ async def serve(settings: Settings, config_path: Path) -> int:
     finally:
         if supervisor is not None:
             _terminate_leftovers(supervisor)
+        if zygote is not None:
+            zygote.close()
         if observer_task is not None:
             observer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

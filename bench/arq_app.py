@@ -1,0 +1,42 @@
+"""Plain ARQ workers for the bench: ``python -m arq bench.arq_app.DefaultSettings`` (or ``TunedSettings``).
+
+Both run 10 jobs at once, as agentworker's bench pool does. ``DefaultSettings`` keeps every other ARQ
+default (0.5 s poll delay, reads ``max_jobs`` ids per poll, pickle). ``TunedSettings`` is ARQ as a careful
+user would tune it without changing the concurrency: a 10 ms poll delay and 100 ids read per poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, ClassVar
+
+from arq.connections import RedisSettings
+
+
+async def noop(ctx: dict[str, Any]) -> float:
+    return time.time()
+
+
+async def sleep(ctx: dict[str, Any], seconds: float) -> float:
+    started = time.time()
+    await asyncio.sleep(seconds)
+    return started
+
+
+_REDIS = RedisSettings.from_dsn(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+
+
+class DefaultSettings:
+    functions: ClassVar[list[Any]] = [noop, sleep]
+    redis_settings = _REDIS
+    max_jobs = 10
+
+
+class TunedSettings:  # not a subclass: ARQ reads only the class's own __dict__
+    functions: ClassVar[list[Any]] = [noop, sleep]
+    redis_settings = _REDIS
+    max_jobs = 10
+    poll_delay = 0.01
+    queue_read_limit = 100

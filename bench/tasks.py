@@ -1,0 +1,25 @@
+"""The bench's tasks for agentworker (loaded by its workers through ``AGENTWORKER_TASK_MODULES=bench.tasks``).
+
+Each returns the wall-clock time at which it started, so enqueue-to-start latency is measured from the
+task itself, not from ARQ's millisecond timestamps. ``bench/arq_app.py`` and ``bench/saq_app.py`` define
+the same two tasks for ARQ and SAQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from agentworker.tasks import JobContext, task
+
+
+@task()
+async def bench_noop(ctx: JobContext, tenant_id: str) -> float:
+    return time.time()
+
+
+@task()
+async def bench_sleep(ctx: JobContext, tenant_id: str, seconds: float) -> float:
+    started = time.time()
+    await asyncio.sleep(seconds)
+    return started

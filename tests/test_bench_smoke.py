@@ -1,0 +1,47 @@
+"""``python -m bench --quick`` runs every scenario end to end and writes its table and JSON.
+
+Tiny counts, agentworker beside tuned ARQ (one baseline keeps it near 30 s; SAQ's adapter is the same
+interface): this proves the harness works, not how fast anything is. No figure is asserted, only that each
+was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")]
+
+
+@pytest.mark.timeout(240)
+def test_quick_bench_measures_every_scenario_and_writes_json(tmp_path: Path) -> None:
+    systems = ["agentworker", "arq-tuned"]
+    output = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--systems", ",".join(systems),
+                           "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=230)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| metric" in done.stdout and str(output) in done.stdout
+
+    document = json.loads(output.read_text())
+    metrics = document["metrics"]
+    assert document["environment"]["quick"] is True and document["environment"]["cpus"]
+    for key in ("throughput_noop", "throughput_sleep", "latency_p50", "latency_p99", "memory_rss", "memory_uss",
+                "neighbour_alone_p99", "neighbour_p99"):
+        for system in systems:
+            measured = metrics[key]["values"].get(system)
+            assert measured is not None or system in metrics[key]["notes"], (key, system)
+    for key in ("restart_zygote", "restart_afresh", "metrics_scrape", "metrics_merge", "metrics_merge_stock",
+                "neighbour_p99_capped", "memory_uss_afresh"):
+        assert metrics[key]["values"]["agentworker"] > 0, key
+    assert metrics["restart_zygote"]["values"]["arq-tuned"] > 0  # the baseline's cold start
+    checks = {(c["metric"], c["target"]) for c in document["targets"]}
+    assert ("latency_p50", "<= 5 ms") in checks
+    assert all(c["measured"] is not None for c in document["targets"])
