@@ -46,6 +46,8 @@ AGENTWORKER_ZYGOTE                     on                              on: worke
                                                                        parent (Linux); off: each starts afresh
 AGENTWORKER_ZYGOTE_PRELOAD             (none)                          extra comma-separated modules the zygote
                                                                        imports before forking workers
+AGENTWORKER_SCHEDULER                  on                              off: this process dispatches no tenant
+                                                                       schedules (some other process must)
 =====================================  ==============================  ==========================================
 """
 
@@ -88,6 +90,7 @@ class Settings:
     config_poll_interval: float = 2.0
     worker_start_timeout: float = 60.0
     zygote: str = "on"
+    scheduler: str = "on"
     zygote_preload: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -126,6 +129,8 @@ class Settings:
             raise SettingsError(f"AGENTWORKER_PORT={self.port}: must be from 0 to 65535")
         if self.restart_backoff_max < self.restart_backoff_initial:
             raise SettingsError("AGENTWORKER_RESTART_BACKOFF_MAX must be >= AGENTWORKER_RESTART_BACKOFF_INITIAL")
+        if self.scheduler not in ("on", "off"):
+            raise SettingsError(f"AGENTWORKER_SCHEDULER={self.scheduler!r}: use on or off")
         if self.zygote not in ("on", "off"):
             raise SettingsError(f"AGENTWORKER_ZYGOTE={self.zygote!r}: use on or off")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

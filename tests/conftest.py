@@ -151,6 +151,9 @@ def worker_env(redis_url: str, **extra: str) -> dict[str, str]:
         "AGENTWORKER_TASK_MODULES": "tests.probe_tasks",
         "AGENTWORKER_POLL_INTERVAL": "0.2",
         "AGENTWORKER_LOG_LEVEL": "info",
+        # Only the schedule tests dispatch schedules (they turn it on): other tests' workers must not
+        # touch whatever database they can reach.
+        "AGENTWORKER_SCHEDULER": "off",
         "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     })
     env.update(extra)

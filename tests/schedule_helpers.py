@@ -15,7 +15,8 @@ SCHEDULE_MODULES = WORKER_MODULES + ",tests.schedule_probes"
 
 
 def schedule_worker_env(database_url: str, **extra: str) -> dict[str, str]:
-    return {"AGENTWORKER_DATABASE_URL": database_url, "AGENTWORKER_TASK_MODULES": SCHEDULE_MODULES, **extra}
+    return {"AGENTWORKER_DATABASE_URL": database_url, "AGENTWORKER_TASK_MODULES": SCHEDULE_MODULES,
+            "AGENTWORKER_SCHEDULER": "on", **extra}
 
 
 def tick_schedule(schedule_id: str, cron: str, label: str | None = None, **extra: Any) -> dict[str, Any]:

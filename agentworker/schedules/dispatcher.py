@@ -225,7 +225,12 @@ def _log_once(failing: str | None, message: str, error: str) -> str:
 
 
 async def dispatch_for_worker(runtime: JobRuntime) -> None:
-    """The dispatcher of a worker process: its database pool is the one its workflow jobs use."""
+    """The dispatcher of a worker process: its database pool is the one its workflow jobs use.
+
+    ``AGENTWORKER_SCHEDULER=off`` turns it off in this process (dispatch stays exactly once however many
+    processes run it; turning it off only saves their database queries)."""
+    if runtime.settings.scheduler == "off":
+        return
 
     async def get_database() -> Database:
         return await worker_database(runtime)
