@@ -12,7 +12,7 @@ Checkpoints are written before each next superstep starts (``durability="sync"``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
@@ -43,7 +43,8 @@ def build_graph(definition: WorkflowDefinition, run: RunContext, checkpointer: A
     """Compile ``definition`` into a graph whose nodes act for ``run``."""
     graph = StateGraph(RunState)
     for step in definition.steps:
-        graph.add_node(step.id, make_node(step, run))  # type: ignore[call-overload]
+        # LangGraph types nodes by the state schema; ours are typed by RunState, which it cannot infer here.
+        graph.add_node(step.id, cast(Any, make_node(step, run)))
     for step in definition.steps:
         if not step.depends_on:
             graph.add_edge(START, step.id)
