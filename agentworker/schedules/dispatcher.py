@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 
 from agentworker import metrics
 from agentworker.client import AgentWorkerClient, JobHandle, QuotaExceeded
-from agentworker.db import Database, DatabaseError, DatabaseNotMigrated, open_database
+from agentworker.db import Database, DatabaseError, DatabaseNotMigrated
 from agentworker.db import schedules as rows
 from agentworker.jobs import InvalidJob
 from agentworker.logs import get_logger
@@ -233,17 +233,10 @@ async def dispatch_for_worker(runtime: JobRuntime) -> None:
         return
 
     async def get_database() -> Database:
-        return await worker_database(runtime)
+        return await runtime.database()
 
     def make_client(database: Database) -> AgentWorkerClient:
         # Built per pass: the quota file may have been reloaded. It borrows the worker's Redis client.
         return AgentWorkerClient(runtime.redis, runtime.config, runtime.settings, database=database)
 
     await dispatch_forever(get_database, make_client)
-
-
-async def worker_database(runtime: JobRuntime) -> Database:
-    """The worker process's database pool, shared with the workflow tasks (same resource, same size)."""
-    url = runtime.settings.database_url
-    size = runtime.config.pools[runtime.pool].concurrency + 6
-    return await runtime.resources.get("database", lambda: open_database(url, max_size=size))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from agentworker.db import DatabaseUnavailable
 from agentworker.tasks.context import JobContext
 from agentworker.tasks.registry import task
-from agentworker.tasks.workflow_tasks import _emitter, checkpoints_of, database_of, execute_workflow
+from agentworker.tasks.workflow_tasks import checkpoints_of, database_of, execute_workflow
 
 if TYPE_CHECKING:
     from agentworker.graphs.agent_runtime import AgentEnvironment, AgentOutcome
@@ -56,12 +56,12 @@ async def _environment(ctx: JobContext) -> AgentEnvironment:
     from agentworker.graphs.agent_runtime import AgentEnvironment
 
     database = await database_of(ctx)
-    return AgentEnvironment(tenant_id=ctx.tenant_id, database=database, emit=_emitter(ctx), log=ctx.log,
+    return AgentEnvironment(tenant_id=ctx.tenant_id, database=database, emit=ctx.emit_best_effort, log=ctx.log,
                             checkpoints=await checkpoints_of(ctx))
 
 
 async def _failed(ctx: JobContext, identity: dict[str, Any], exc: BaseException) -> None:
-    await _emitter(ctx)("agent_run_failed", {**identity, "error": type(exc).__name__, "message": str(exc)[:500]})
+    await ctx.emit_best_effort("agent_run_failed", {**identity, "error": type(exc).__name__, "message": str(exc)[:500]})
 
 
 # -- tasks ----------------------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ async def handle_message(ctx: JobContext, tenant_id: str, conversation_id: str, 
     from agentworker.graphs.router import RouteDecision, build_entry_graph, decide_route
 
     env = await _environment(ctx)
-    emit = _emitter(ctx)
+    emit = ctx.emit_best_effort
     async with env.database.tenant(tenant_id) as tx:
         workflows = await list_workflow_ids(tx)
     chosen = await agent_model(env)

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from agentworker.config import QuotaConfig
+from agentworker.db import Database, open_database
 from agentworker.events import EventPublisher
 from agentworker.settings import Settings
 
@@ -58,6 +60,13 @@ class JobRuntime:
     config: QuotaConfig
     resources: ProcessResources = field(default_factory=ProcessResources)
 
+    async def database(self) -> Database:
+        """The process's PostgreSQL pool, made on first use and shared by its jobs and its schedule
+        dispatcher: one connection per job slot, plus a few for the dispatcher and checkpoint setup."""
+        url = self.settings.database_url
+        size = self.config.pools[self.pool].concurrency + 6
+        return await self.resources.get("database", lambda: open_database(url, max_size=size))
+
 
 @dataclass
 class JobContext:
@@ -91,3 +100,11 @@ class JobContext:
     async def emit(self, event: str, data: dict[str, Any]) -> None:
         """Publish an event on this job's tenant channel and stream."""
         await self.runtime.events.publish(self.tenant_id, event, data)
+
+    async def emit_best_effort(self, event: str, data: dict[str, Any]) -> None:
+        """:meth:`emit`, but a Redis error is logged instead of raised: a lost event must not fail the
+        work it reports on (steps and runs are recorded in PostgreSQL)."""
+        try:
+            await self.emit(event, data)
+        except (RedisError, OSError) as exc:
+            self.log.warning("event not published", event_name=event, error=str(exc))

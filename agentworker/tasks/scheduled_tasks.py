@@ -15,12 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from agentworker.client import AgentWorkerClient, QuotaExceeded
 from agentworker.db import Database, DatabaseUnavailable
 from agentworker.schedules import polling, reports, webhooks
-from agentworker.schedules.dispatcher import worker_database
 from agentworker.tasks.context import JobContext
 from agentworker.tasks.registry import task
 
@@ -30,20 +27,10 @@ def _client(ctx: JobContext, database: Database) -> AgentWorkerClient:
     return AgentWorkerClient(ctx.runtime.redis, ctx.runtime.config, ctx.runtime.settings, database=database)
 
 
-def _emitter(ctx: JobContext) -> reports.Emit:
-    async def emit(event: str, data: dict[str, Any]) -> None:
-        try:
-            await ctx.emit(event, data)
-        except (RedisError, OSError) as exc:
-            ctx.log.warning("event not published", event_name=event, error=str(exc))
-
-    return emit
-
-
 @task(retry_on=(DatabaseUnavailable, QuotaExceeded))
 async def poll_source(ctx: JobContext, tenant_id: str, schedule_id: str, due_at: str | None = None) -> dict[str, Any]:
     """Poll the source of schedule ``schedule_id`` (``due_at``: the due time that dispatched this poll)."""
-    database = await worker_database(ctx.runtime)
+    database = await ctx.runtime.database()
     result = await polling.poll_once(database, _client(ctx, database), tenant_id, schedule_id,
                                      ctx.log.bind(schedule_id=schedule_id, due_at=due_at))
     return result.to_dict()
@@ -56,7 +43,7 @@ async def handle_webhook(ctx: JobContext, tenant_id: str, source: str, headers: 
     if not isinstance(headers, dict) or not isinstance(body, str):
         raise ValueError("headers must be a JSON object and body a string")
     raw = webhooks.decode_body(body, body_encoding)
-    database = await worker_database(ctx.runtime)
+    database = await ctx.runtime.database()
     return await webhooks.receive(database, _client(ctx, database), tenant_id, source, headers, raw,
                                   ctx.log.bind(webhook_source=source))
 
@@ -67,6 +54,6 @@ async def send_run_report(ctx: JobContext, tenant_id: str, to: list[str], period
     """Email the tenant's run report for the ``period_hours`` before ``period_end`` (default: now), once."""
     if not isinstance(to, list) or not all(isinstance(address, str) for address in to):
         raise ValueError("to must be a list of email addresses")
-    database = await worker_database(ctx.runtime)
+    database = await ctx.runtime.database()
     return await reports.send_report(database, tenant_id, to, period_hours=period_hours, period_end=period_end,
-                                     subject=subject, log=ctx.log, emit=_emitter(ctx))
+                                     subject=subject, log=ctx.log, emit=ctx.emit_best_effort)

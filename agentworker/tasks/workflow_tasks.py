@@ -17,9 +17,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
-
-from agentworker.db import Database, DatabaseUnavailable, approvals, definitions, open_database, runs
+from agentworker.db import Database, DatabaseUnavailable, approvals, definitions, runs
 from agentworker.db.ledger import Ledger
 from agentworker.db.runs import RunRecord, RunStatus, StepStatus
 from agentworker.tasks.context import JobContext
@@ -63,8 +61,7 @@ def _pool_size(ctx: JobContext) -> int:
 
 
 async def database_of(ctx: JobContext) -> Database:
-    url = ctx.runtime.settings.database_url
-    return await ctx.runtime.resources.get("database", lambda: open_database(url, max_size=_pool_size(ctx) + 4))
+    return await ctx.runtime.database()
 
 
 async def checkpoints_of(ctx: JobContext) -> CheckpointStore:
@@ -73,17 +70,6 @@ async def checkpoints_of(ctx: JobContext) -> CheckpointStore:
     url = ctx.runtime.settings.database_url
     return await ctx.runtime.resources.get("checkpoints",
                                            lambda: open_checkpoint_store(url, max_size=_pool_size(ctx)))
-
-
-def _emitter(ctx: JobContext) -> Any:
-    async def emit(event: str, data: dict[str, Any]) -> None:
-        try:
-            await ctx.emit(event, data)
-        except (RedisError, OSError) as exc:
-            # A lost event must not fail the step: the step table has the record.
-            ctx.log.warning("event not published", event_name=event, error=str(exc))
-
-    return emit
 
 
 # -- tasks ----------------------------------------------------------------------------------------------
@@ -102,7 +88,7 @@ async def execute_workflow(ctx: JobContext, tenant_id: str, workflow_id: str, tr
     if not isinstance(input_data, dict):
         raise ValueError(f"input_data must be a JSON object, got {type(input_data).__name__}")
     database = await database_of(ctx)
-    emit = _emitter(ctx)
+    emit = ctx.emit_best_effort
     async with database.tenant(tenant_id) as tx:
         run = await runs.find_run_by_key(tx, ctx.job_id)
         created = False
@@ -208,7 +194,7 @@ async def _advance(ctx: JobContext, database: Database, run: RunRecord, definiti
     from agentworker.graphs.workflow_agent import RunOutcome, advance_run
 
     definition = parse_workflow(definition_json)
-    emit = _emitter(ctx)
+    emit = ctx.emit_best_effort
     log = ctx.log.bind(run_id=run.run_id, workflow_id=run.workflow_id)
     env = StepEnvironment(tenant_id=run.tenant_id, run_id=run.run_id, ledger=Ledger(database), emit=emit, log=log)
     context = RunContext(tenant_id=run.tenant_id, workflow_id=run.workflow_id, run_id=run.run_id,
@@ -232,7 +218,7 @@ async def _record(ctx: JobContext, database: Database, run: RunRecord, outcome: 
         if outcome.status in (RunStatus.FAILED, RunStatus.REJECTED):
             await runs.interrupt_running_steps(tx, run.run_id)
         await runs.set_run_status(tx, run.run_id, outcome.status, output=outcome.output, error=outcome.error)
-    emit = _emitter(ctx)
+    emit = ctx.emit_best_effort
     if outcome.status in (RunStatus.COMPLETED, RunStatus.REJECTED):
         await emit("workflow_run_completed", _event(run, outcome.status.value, outcome.output))
     elif outcome.status == RunStatus.FAILED:
