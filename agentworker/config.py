@@ -92,6 +92,10 @@ class PoolQuota(_Strict):
     memory_limit_mb: Annotated[int, Field(ge=32)] = 512
     max_jobs_per_process: PositiveInt = 10_000
     hang_timeout: Annotated[float, Field(gt=0, le=3600)] = 30
+    #: re-runs a job gets after its worker died running it (kill -9, OOM, segfault, a hung loop); one more
+    #: such death and the job is failed as JobPoisoned. Separate from max_tries, which counts the task's own
+    #: failures and time-outs.
+    max_crash_retries: Annotated[int, Field(ge=0, le=100)] = 5
 
 
 class TenantLimits(_Strict):

@@ -128,13 +128,31 @@ def check_payload(payload: Any, tenant_id: str, max_bytes: int = DEFAULT_MAX_PAY
     return encoded
 
 
-class WorkerJobDecoder:
-    """The worker's job deserializer: it never raises.
+class UnreadableJob(ValueError):
+    """A queue entry that is not a job this service can read; it goes to the dead letters.
 
-    ARQ fails a job it cannot decode, or whose function is unknown, without calling any of our code,
-    so the tenant would never hear of it. Instead, anything malformed is decoded as a call to
-    :data:`REJECT_TASK` with the reason, which fails the job through our envelope: logged with tenant
-    and job id, reported as an event, and the worker moves on.
+    ``reason`` is one of :data:`agentworker.job_leases.DEAD_LETTER_REASONS`; ``detail`` says what is wrong.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+#: the largest try number and enqueue time (ms; year 5138) a record may carry
+_MAX_TRY = 1_000_000
+_MAX_TIME_MS = 10**14
+
+
+class WorkerJobDecoder:
+    """The worker's job deserializer.
+
+    A record that is not an ARQ job at all (not JSON, not an object, no ``f``/``k``, a field of the wrong
+    type or out of range) raises :class:`UnreadableJob`: the worker moves it to the dead letters. A
+    readable job the worker must refuse (unknown task, positional arguments, no tenant, too large) is
+    decoded as a call to :data:`REJECT_TASK` with the reason, which fails it through our envelope:
+    logged with tenant and job id, reported as events, and the worker moves on.
     """
 
     def __init__(self, known_tasks: set[str], max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
@@ -147,21 +165,30 @@ class WorkerJobDecoder:
         try:
             record = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            return self._reject(f"job is not valid JSON ({exc.__class__.__name__}: {exc})")
+            raise UnreadableJob("bad_record", f"job record is not valid JSON ({exc.__class__.__name__}: {exc})") \
+                from None
         if not isinstance(record, dict) or not {"f", "k"} <= record.keys():
-            return self._reject("job record is not an ARQ job object with 'f' and 'k'")
-        et = record.get("et")
-        enqueue_ms = et if isinstance(et, int) else 0
-        task, kwargs = record["f"], record["k"]
+            raise UnreadableJob("bad_record", "job record is not an ARQ job object with 'f' and 'k'")
+        task, kwargs, job_try, et = record["f"], record["k"], record.get("t"), record.get("et", 0)
+        if not isinstance(task, str):
+            raise UnreadableJob("bad_field", f"job field 'f' (the task) is {type(task).__name__}, not a string")
         if not isinstance(kwargs, dict):
-            return self._reject("job payload is not a JSON object", enqueue_ms, task)
+            raise UnreadableJob("bad_field", "job field 'k' (the payload) is not a JSON object")
+        if job_try is not None and (not _is_int(job_try) or not 0 <= job_try <= _MAX_TRY):
+            raise UnreadableJob("bad_field", f"job field 't' (the try) is {job_try!r}, not null or an integer "
+                                             f"from 0 to {_MAX_TRY}")
+        if et is None:
+            et = 0
+        if not _is_int(et) or not 0 <= et <= _MAX_TIME_MS:
+            raise UnreadableJob("bad_field", f"job field 'et' (the enqueue time) is {et!r}, not an integer "
+                                             f"number of milliseconds from 0 to {_MAX_TIME_MS}")
         if record.get("a"):
-            return self._reject("positional arguments are not supported; send a payload object", enqueue_ms, task)
-        if not isinstance(task, str) or task not in self.known_tasks or task == REJECT_TASK:
-            return self._reject(f"unknown task {task!r}", enqueue_ms, task, kwargs)
+            return self._reject("positional arguments are not supported; send a payload object", et, task)
+        if task not in self.known_tasks or task == REJECT_TASK:
+            return self._reject(f"unknown task {task!r}", et, task, kwargs)
         if "tenant_id" not in kwargs:
-            return self._reject("payload has no tenant_id", enqueue_ms, task, kwargs)
-        return {"t": record.get("t"), "f": task, "a": [], "k": kwargs, "et": enqueue_ms}
+            return self._reject("payload has no tenant_id", et, task, kwargs)
+        return {"t": job_try, "f": task, "a": [], "k": kwargs, "et": et}
 
     @staticmethod
     def _reject(reason: str, enqueue_ms: int = 0, task: Any = None,
@@ -171,3 +198,7 @@ class WorkerJobDecoder:
                 "k": {"reason": reason, "task": task if isinstance(task, str) else None,
                       "payload_tenant_id": tenant if isinstance(tenant, str) else None},
                 "et": enqueue_ms}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -45,3 +45,23 @@ def tenant_leases(tenant_id: str) -> str:
 def wakeup_channel(pool: str) -> str:
     """Pub/sub channel on which enqueuers tell a pool's workers that a job has landed."""
     return f"{PREFIX}:wakeup:{pool}"
+
+
+def held_jobs(holder: str) -> str:
+    """Set of the job ids one worker process (``holder``) holds leases on; the supervisor releases it."""
+    return f"{PREFIX}:held:{holder}"
+
+
+def job_attempt(job_id: str) -> str:
+    """Hash of a job's attempts: ``holder`` while one runs, ``crashes`` (runs whose worker died)."""
+    return f"{PREFIX}:attempt:{job_id}"
+
+
+def dead_letters(pool: str) -> str:
+    """Hash of a pool's dead letters: raw job id -> JSON ``{reason, detail, queue, score, ts}``."""
+    return f"{PREFIX}:dead:{pool}"
+
+
+def run_sweeper_lock() -> str:
+    """Lock held by the one worker process sweeping orphaned workflow runs at a time."""
+    return f"{PREFIX}:lock:run-sweeper"

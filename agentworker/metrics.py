@@ -20,7 +20,7 @@ _WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 
 JOBS_TOTAL = Counter(
     "agentworker_jobs_total", "Jobs finished, by outcome (success, failure, timeout, rejected, retry, "
-    "cancelled).", ["pool", "task", "outcome"])
+    "cancelled, poisoned, tries_exhausted, unreadable).", ["pool", "task", "outcome"])
 JOB_DURATION = Histogram(
     "agentworker_job_duration_seconds", "Time jobs ran, from start to finish.", ["pool", "task"],
     buckets=_DURATION_BUCKETS)
@@ -38,6 +38,14 @@ TENANT_JOBS_IN_PROGRESS = Gauge(
 JOBS_DEFERRED = Counter(
     "agentworker_jobs_deferred_total", "Job starts put off because the tenant was at its max_concurrency.",
     ["pool", "tenant"])
+DEAD_LETTERS_TOTAL = Counter(
+    "agentworker_dead_letters_total", "Queue entries moved to the pool's dead letters, by reason (non_utf8_id, "
+    "missing_record, wrong_type, bad_record, bad_field).", ["pool", "reason"])
+JOB_CRASH_RERUNS = Counter(
+    "agentworker_job_crash_reruns_total", "Jobs started again because the worker running them died.", ["pool"])
+JOB_LEASES_LOST = Counter(
+    "agentworker_job_leases_lost_total", "Running jobs stopped because another worker took their lapsed lease.",
+    ["pool"])
 
 LLM_REQUESTS_TOTAL = Counter(
     "agentworker_llm_requests_total", "Chat model calls by outcome (success, timeout, error).",

@@ -22,6 +22,10 @@ AGENTWORKER_MAX_PAYLOAD_BYTES          1048576                         largest a
 AGENTWORKER_TENANT_LEASE_TTL           30                              seconds a tenant concurrency lease lives
                                                                        unless renewed (a killed holder's slot
                                                                        comes back after at most this)
+AGENTWORKER_JOB_LEASE_TTL              10                              seconds a running job's lease (its
+                                                                       in-progress key) lives unless its worker
+                                                                       renews it: a job of a worker that died
+                                                                       unseen runs again after at most this
 AGENTWORKER_EVENT_STREAM_MAXLEN        10000                           events kept per tenant stream (approx.)
 AGENTWORKER_TASK_MODULES               (none)                          extra comma-separated modules whose
                                                                        @task functions workers serve
@@ -77,6 +81,7 @@ class Settings:
     keep_result: float = 86_400.0
     max_payload_bytes: int = 1_048_576
     tenant_lease_ttl: float = 30.0
+    job_lease_ttl: float = 10.0
     event_stream_maxlen: int = 10_000
     task_modules: tuple[str, ...] = field(default_factory=tuple)
     admin_token: str | None = field(default=None, repr=False)
@@ -117,6 +122,8 @@ class Settings:
         for name in ("shutdown_grace", "keep_result", "config_poll_interval"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
+        if not 1.0 <= self.job_lease_ttl <= 3600:
+            raise SettingsError("AGENTWORKER_JOB_LEASE_TTL must be from 1 to 3600 seconds")
         for name in ("poll_interval", "tenant_lease_ttl", "ready_timeout", "restart_backoff_initial",
                      "worker_start_timeout"):
             if getattr(self, name) <= 0:

@@ -1,85 +1,100 @@
-"""Tenant ``max_concurrency`` across every worker process and supervisor replica.
+"""The leases one worker process holds: one per running job, plus tenant concurrency leases.
 
-A Redis sorted set per tenant holds one lease per running job (member: ``{job id}@{holder}``, score:
-expiry in ms of Redis' own clock). Taking one prunes expired leases and adds one if fewer than the cap
-remain, in the same script that claims the job, so concurrent workers cannot overshoot. Holders renew
-their leases every third of the TTL; a holder killed with SIGKILL stops renewing and its lease lapses
-after at most the TTL, with nobody's help. A job that finds its tenant at the cap is left in its queue
-for a later poll (deferred, not failed, and without spending one of its tries).
+* **Job leases** (see :mod:`agentworker.job_leases`): the in-progress key of each running job holds this
+  process's holder id and lives ``AGENTWORKER_JOB_LEASE_TTL`` seconds; the ids are listed in the
+  holder's set so the supervisor can release them the moment it reaps this process.
+* **Tenant leases** (``max_concurrency`` across every process and replica): a Redis sorted set per tenant
+  holds one lease per running job (member ``{job id}@{holder}``, score: expiry in ms of Redis' own clock),
+  taken in the claim script only if fewer than the cap remain, so concurrent workers cannot overshoot.
+  A job that finds its tenant at the cap is left in its queue for a later poll (deferred, not failed,
+  and without spending one of its tries).
+
+Both kinds are taken by the claim and dropped by the finish script (one round trip each); this class
+renews them all in one script every third of the shorter TTL. A holder killed with SIGKILL stops
+renewing: its supervisor releases its leases at once, and without one they lapse after their TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import secrets
-import socket
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agentworker import keys
+from agentworker import jobs, keys
+from agentworker.job_leases import RENEW_LUA, holder_id
 from agentworker.logs import get_logger
-
-_RENEW_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + ttl, ARGV[i + 1])
-  redis.call('PEXPIRE', key, ttl * 2)
-end
-return #KEYS
-"""
 
 log = get_logger(__name__)
 
+#: called with the ids of jobs whose lease another holder has taken over (or that are gone)
+LeasesLost = Callable[[list[str]], None]
 
-class TenantLeases:
-    """The leases this process holds. They are taken atomically with the job's claim (see
-    ``pools/arq_internals.py``); this class renews and releases them."""
 
-    def __init__(self, redis: Redis, ttl_s: float = 30.0) -> None:
+class Leases:
+    """Every lease this process holds, renewed together."""
+
+    def __init__(self, redis: Redis, *, job_ttl_s: float = 10.0, tenant_ttl_s: float = 30.0,
+                 holder: str | None = None) -> None:
         self.redis = redis
-        self.ttl_ms = max(1, int(ttl_s * 1000))
-        # Members are per holder, so a process that reads a job another one runs never touches its lease.
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._renew = redis.register_script(_RENEW_LUA)
-        self._held: dict[str, str] = {}  # job id -> tenant
+        self.job_ttl_ms = max(1000, int(job_ttl_s * 1000))
+        self.ttl_ms = max(1, int(tenant_ttl_s * 1000))  # tenant leases
+        self.holder = holder or holder_id()
+        self.held_key = keys.held_jobs(self.holder)
+        self._renew = redis.register_script(RENEW_LUA)
+        self._jobs: dict[str, str | None] = {}  # job id -> tenant whose concurrency lease it holds, if any
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        return len(self._jobs)
+
+    @property
+    def renew_interval_s(self) -> float:
+        return min(self.job_ttl_ms, self.ttl_ms) / 3000
 
     def member(self, job_id: str) -> str:
+        """The job's member in its tenant's lease set (per holder: a reader never touches another's)."""
         return f"{job_id}@{self.holder}"
 
-    def track(self, tenant_id: str, job_id: str) -> None:
-        self._held[job_id] = tenant_id
+    def track(self, job_id: str, tenant_with_lease: str | None) -> None:
+        self._jobs[job_id] = tenant_with_lease
 
-    async def release(self, job_id: str) -> None:
-        tenant_id = self._held.pop(job_id, None)
-        if tenant_id is not None:
-            await self.redis.zrem(keys.tenant_leases(tenant_id), self.member(job_id))
+    def forget(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
 
-    async def renew_all(self) -> None:
-        held = list(self._held.items())
-        if held:
-            await self._renew(keys=[keys.tenant_leases(t) for _, t in held],
-                              args=[self.ttl_ms, *[self.member(job_id) for job_id, _ in held]])
+    def tenant_lease_of(self, job_id: str) -> str | None:
+        return self._jobs.get(job_id)
 
-    async def renew_forever(self) -> None:
-        """Renew held leases every third of the TTL until cancelled; Redis errors are logged, not fatal."""
-        interval = self.ttl_ms / 3000
+    async def renew_all(self) -> list[str]:
+        """Renew every lease; return the ids of jobs this process no longer holds."""
+        held = list(self._jobs.items())
+        if not held:
+            return []
+        tenant_held = [(job_id, tenant) for job_id, tenant in held if tenant is not None]
+        lease_keys = [self.held_key]
+        for job_id, _ in held:
+            lease_keys += [jobs.in_progress_key(job_id), jobs.job_key(job_id)]
+        lease_keys += [keys.tenant_leases(tenant) for _, tenant in tenant_held]
+        lost = await self._renew(keys=lease_keys, args=[
+            self.holder, self.job_ttl_ms, len(held), self.ttl_ms, *[job_id for job_id, _ in held],
+            *[self.member(job_id) for job_id, _ in tenant_held]])
+        return [j.decode() if isinstance(j, bytes) else str(j) for j in lost]
+
+    async def renew_forever(self, on_lost: LeasesLost) -> None:
+        """Renew until cancelled; Redis errors are logged, not fatal (the leases lapse if it lasts)."""
+        failing = False
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.renew_interval_s)
             try:
-                await self.renew_all()
-            except RedisError as exc:
-                log.warning("tenant lease renewal failed", error=str(exc))
-
-    async def release_all(self) -> None:
-        for job_id in list(self._held):
-            with contextlib.suppress(RedisError):
-                await self.release(job_id)
+                lost = await self.renew_all()
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("lease renewal failed; retrying", error=str(exc))
+                failing = True
+                continue
+            if failing:
+                log.info("lease renewal recovered")
+            failing = False
+            if lost:
+                on_lost(lost)

@@ -2,9 +2,11 @@
 
     python -m agentworker.pools.worker --config FILE --pool NAME --slot N [--status-file PATH]
 
-One event loop (uvloop) runs one ARQ ``Worker`` per shard queue (:class:`ShardWorker`), all sharing one
+One event loop (uvloop) runs one job loop per shard queue (:class:`ShardWorker`), all sharing one
 Redis client, one process-wide cap of ``concurrency`` jobs (:class:`ConcurrencyGate`, round-robin between
-shards with work) and the tenant leases of ``max_concurrency`` (:class:`TenantLeases`).
+shards with work) and one set of leases (:class:`Leases`: a short lease per running job, renewed, and the
+tenant leases of ``max_concurrency``). Its lease holder id is ``{hostname}:{pid}``, which is how the
+supervisor releases its jobs the moment it reaps it.
 
 Wake-ups: the enqueue script publishes the queue name on ``agentworker:wakeup:{pool}``; the process
 listens and polls that shard at once, so polling (``AGENTWORKER_POLL_INTERVAL``) is only a fallback.
@@ -12,7 +14,7 @@ listens and polls that shard at once, so polling (``AGENTWORKER_POLL_INTERVAL``)
 Signals (handlers only set flags; the main loop acts):
 
 * SIGTERM / SIGINT: stop taking jobs, give running jobs ``AGENTWORKER_SHUTDOWN_GRACE`` seconds, cancel the
-  rest (ARQ re-queues them at once), release leases, exit 0.
+  rest (each is re-queued at once, without spending a try, and its leases dropped), exit 0.
 * SIGHUP: re-read the quota file; tenant limits apply at once. A bad file is logged and ignored. Pool
   settings (shards, concurrency) are the supervisor's to change, by replacing the process.
 
@@ -47,11 +49,11 @@ from agentworker.events import EventPublisher
 from agentworker.logs import configure_logging, get_logger
 from agentworker.pools.arq_internals import ShardWorker
 from agentworker.pools.gate import ConcurrencyGate
-from agentworker.pools.leases import TenantLeases
+from agentworker.pools.leases import Leases
 from agentworker.schedules.dispatcher import dispatch_for_worker
 from agentworker.settings import Settings, SettingsError
 from agentworker.tasks.context import JobRuntime
-from agentworker.tasks.envelope import make_job_function, make_reject_function
+from agentworker.tasks.envelope import FinalFailure, make_job_function, make_reject_function, report_final_failure
 from agentworker.tasks.registry import TaskRegistry, load_task_modules
 
 log = get_logger("agentworker.worker")
@@ -109,25 +111,25 @@ class WorkerProcess:
         self.runtime = JobRuntime(pool=self.pool_name, slot=self.slot, settings=self.settings, redis=redis,
                                   events=EventPublisher(redis, stream_maxlen=self.settings.event_stream_maxlen),
                                   config=self.config)
+        self.pool_quota = pool
         self.gate = ConcurrencyGate(pool.concurrency)
-        self.leases = TenantLeases(redis, self.settings.tenant_lease_ttl)
+        self.leases = Leases(redis, job_ttl_s=self.settings.job_lease_ttl, tenant_ttl_s=self.settings.tenant_lease_ttl)
         decoder = jobs.WorkerJobDecoder(self.registry.names(), self.settings.max_payload_bytes)
         functions = build_functions(self.registry, pool.job_timeout)
-        self._lease_releases: set[asyncio.Task[None]] = set()
         self.workers = [
             ShardWorker(
-                functions=functions, queue_name=keys.queue(self.pool_name, shard), shard=shard, redis=redis,
-                gate=self.gate, leases=self.leases, tenant_cap=self._tenant_cap, on_deferred=self._deferred,
-                on_done=self._job_done, max_jobs=pool.concurrency,
-                job_timeout=pool.job_timeout + 1, max_tries=pool.max_tries, keep_result=self.settings.keep_result,
-                poll_delay=self.settings.poll_interval, job_serializer=jobs.dumps, job_deserializer=decoder,
-                ctx={"runtime": self.runtime},
+                functions=functions, queue_name=keys.queue(self.pool_name, shard), pool_name=self.pool_name,
+                shard=shard, redis=redis, gate=self.gate, leases=self.leases, pool_quota=lambda: self.pool_quota,
+                tenant_cap=self._tenant_cap, on_deferred=self._deferred, on_done=self._job_done,
+                on_final_failure=self._final_failure, on_dead_letter=self._dead_letter,
+                keep_result=self.settings.keep_result, poll_delay=self.settings.poll_interval,
+                job_serializer=jobs.dumps, job_deserializer=decoder, ctx={"runtime": self.runtime},
             )
             for shard in range(pool.shards)
         ]
         self._by_queue = {w.queue_name: w for w in self.workers}
         background = [
-            asyncio.create_task(self.leases.renew_forever(), name="lease-renewal"),
+            asyncio.create_task(self.leases.renew_forever(self._leases_lost), name="lease-renewal"),
             asyncio.create_task(self._listen_for_wakeups(), name="wakeups"),
             asyncio.create_task(self._write_status_forever(), name="status"),
             # Tenant schedules: every worker process dispatches (see agentworker.schedules.dispatcher).
@@ -181,6 +183,7 @@ class WorkerProcess:
             return
         self.config = new
         self.runtime.config = new
+        self.pool_quota = new.pools[self.pool_name]
         log.info("quota file reloaded", tenants=len(new.tenants))
 
     async def _drain(self, mains: list[asyncio.Task[None]], background: list[asyncio.Task[Any]]) -> None:
@@ -200,15 +203,9 @@ class WorkerProcess:
             log.warning("grace period over; cancelled running jobs, they will run again", cancelled=cancelled)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(idle, 10)
-        for worker in self.workers:
-            with contextlib.suppress(RedisError, OSError):
-                await worker.requeue_orphans()
         for task in mains + background:
             task.cancel()
         await asyncio.gather(*mains, *background, return_exceptions=True)
-        if self._lease_releases:
-            await asyncio.gather(*self._lease_releases, return_exceptions=True)
-        await self.leases.release_all()
         self.state = "stopped"
         self._write_status()
 
@@ -223,16 +220,21 @@ class WorkerProcess:
 
     def _job_done(self, job_id: str) -> None:
         self.jobs_served += 1
-        task = asyncio.create_task(self._release_lease(job_id))
-        self._lease_releases.add(task)
-        task.add_done_callback(self._lease_releases.discard)
 
-    async def _release_lease(self, job_id: str) -> None:
-        try:
-            await self.leases.release(job_id)
-        except (RedisError, OSError) as exc:
-            # The lease lapses by itself after its TTL.
-            log.warning("tenant lease release failed", job_id=job_id, error=str(exc))
+    async def _final_failure(self, failure: FinalFailure) -> None:
+        await report_final_failure(self.runtime, self.registry, failure)
+
+    def _dead_letter(self, reason: str, job_id: str) -> None:
+        metrics.DEAD_LETTERS_TOTAL.labels(self.pool_name, reason).inc()
+
+    def _leases_lost(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            for worker in self.workers:
+                if worker.lease_lost(job_id):
+                    metrics.JOB_LEASES_LOST.labels(self.pool_name).inc()
+                    break
+            else:
+                self.leases.forget(job_id)
 
     # -- wake-ups and status ---------------------------------------------------------------------------
 
@@ -250,6 +252,10 @@ class WorkerProcess:
                 async for message in pubsub.listen():
                     data = message.get("data")
                     queue = data.decode() if isinstance(data, bytes) else str(data)
+                    if queue == "*":  # the supervisor released a dead worker's jobs: any shard may have some
+                        for worker in self.workers:
+                            worker.wake()
+                        continue
                     target = self._by_queue.get(queue)
                     if target is not None:
                         target.wake()
@@ -262,7 +268,8 @@ class WorkerProcess:
 
     def status(self) -> dict[str, Any]:
         return {
-            "pid": os.getpid(), "pool": self.pool_name, "slot": self.slot, "state": self.state,
+            "pid": os.getpid(), "holder": self.leases.holder if hasattr(self, "leases") else None,
+            "pool": self.pool_name, "slot": self.slot, "state": self.state,
             "ts": time.time(), "started_at": self.started_at, "jobs_served": self.jobs_served,
             "running": sum(w.running for w in getattr(self, "workers", [])),
             "redis_ok": all(w.redis_healthy for w in getattr(self, "workers", [])),

@@ -4,6 +4,21 @@ It checks the job belongs where it came from (its id, its payload's tenant and t
 from must agree with the routing rule), binds the tenant and job to the logs, applies the job timeout
 (the pool's, tightened by the tenant's and the task's), publishes the lifecycle events and records the
 metrics. Whatever the task does, a bad job ends as a failed job with a reason; the worker goes on.
+
+Every final failure, whatever its path, publishes ``job_failed`` with a ``reason`` and calls the task's
+``on_final_failure`` hook (which ends the workflow or agent run the job was doing):
+
+=================  ==========================================================================  =============
+reason             what happened                                                               reported by
+=================  ==========================================================================  =============
+error              the task raised, and it is not retried (not in ``retry_on``, or no tries    the envelope
+                   left)
+timeout            the job ran past its timeout                                                the envelope
+rejected           the job may not run here (misrouted, unknown task, bad payload)             the envelope
+poisoned           its worker died each time it ran it, more than ``max_crash_retries``        the worker
+tries_exhausted    it asked for another try after its last one                                 the worker
+unreadable         its queue entry could not be read; it is in the pool's dead letters         the worker
+=================  ==========================================================================  =============
 """
 
 from __future__ import annotations
@@ -12,6 +27,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -23,7 +39,7 @@ from agentworker.jobs import JobId, error_record
 from agentworker.logs import get_logger
 from agentworker.routing import InvalidTenantId, route_tenant, validate_tenant_id
 from agentworker.tasks.context import JobContext, JobRuntime
-from agentworker.tasks.registry import PayloadError, Task
+from agentworker.tasks.registry import PayloadError, Task, TaskRegistry
 
 log = get_logger("agentworker.job")
 
@@ -38,6 +54,37 @@ class JobRejected(Exception):
 
 class JobTimedOut(Exception):
     """The job ran past its timeout and was cancelled."""
+
+
+class JobPoisoned(Exception):
+    """The job's worker died every time it ran it, more than the pool's ``max_crash_retries``."""
+
+
+class JobTriesExhausted(Exception):
+    """The job asked to be retried after its last try (``max_tries``)."""
+
+
+class JobUnreadable(Exception):
+    """The queue entry could not be read as a job; it was moved to the pool's dead letters."""
+
+
+#: seconds a task's on_final_failure hook may take
+_HOOK_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class FinalFailure:
+    """A job that failed for good outside its task (see the table above): what the worker knows of it."""
+
+    job_id: str
+    task: str | None
+    payload: dict[str, Any] | None
+    reason: str
+    error: Exception
+    job_try: int
+    queue: str
+    shard: int
+    enqueue_time_ms: int = 0
 
 
 def _result_preview(result: Any) -> Any:
@@ -95,9 +142,51 @@ async def reject(runtime: JobRuntime, arq_ctx: dict[str, Any], reason: str, task
     metrics.TENANT_JOBS_TOTAL.labels(runtime.pool, metrics.tenant_label(runtime.config, tenant),
                                      "rejected").inc()
     if tenant is not None:
-        await _publish(runtime, tenant, "job_rejected",
-                       {"job_id": job_id, "task": task, "try": arq_ctx.get("job_try"), "reason": reason})
+        base = {"job_id": job_id, "task": task, "try": arq_ctx.get("job_try")}
+        await _publish(runtime, tenant, "job_rejected", {**base, "reason": reason})
+        await _publish(runtime, tenant, "job_failed",
+                       {**base, "reason": "rejected", "error": "JobRejected", "message": reason})
     raise JobRejected(reason)
+
+
+def _context(runtime: JobRuntime, *, tenant_id: str, job_id: str, task: str, job_try: int, queue: str,
+             shard: int, enqueue_time_ms: int, timeout: float) -> JobContext:
+    bound = log.bind(tenant_id=tenant_id, job_id=job_id, task=task)
+    return JobContext(tenant_id=tenant_id, job_id=job_id, task=task, job_try=job_try, queue=queue, shard=shard,
+                      enqueue_time_ms=enqueue_time_ms, timeout=timeout, runtime=runtime, log=bound)
+
+
+async def _run_final_failure_hook(task: Task, ctx: JobContext, payload: dict[str, Any], reason: str,
+                                  error: BaseException) -> None:
+    if task.on_final_failure is None:
+        return
+    try:
+        async with asyncio.timeout(_HOOK_TIMEOUT_S):
+            await task.on_final_failure(ctx, payload, reason, error)
+    except Exception as exc:  # a hook must not change the job's outcome; the run sweeper is the backstop
+        ctx.log.error("final-failure hook failed", reason=reason, error=repr(exc))
+
+
+async def report_final_failure(runtime: JobRuntime, registry: TaskRegistry, failure: FinalFailure) -> None:
+    """Report a job that failed for good outside its task: log, count, ``job_failed``, the task's hook."""
+    tenant = _event_tenant(failure.job_id, (failure.payload or {}).get("tenant_id"))
+    error = error_record(failure.error)
+    log.warning("job failed for good", job_id=failure.job_id, tenant_id=tenant, task=failure.task,
+                reason=failure.reason, message=error["message"])
+    metrics.JOBS_TOTAL.labels(runtime.pool, failure.task or "unknown", failure.reason).inc()
+    metrics.TENANT_JOBS_TOTAL.labels(runtime.pool, metrics.tenant_label(runtime.config, tenant),
+                                     failure.reason).inc()
+    if tenant is None:
+        return
+    await _publish(runtime, tenant, "job_failed", {"job_id": failure.job_id, "task": failure.task,
+                                                   "try": failure.job_try, "reason": failure.reason, **error})
+    task = registry.get(failure.task) if failure.task else None
+    if task is None or failure.payload is None or failure.payload.get("tenant_id") != tenant:
+        return
+    ctx = _context(runtime, tenant_id=tenant, job_id=failure.job_id, task=task.name, job_try=failure.job_try,
+                   queue=failure.queue, shard=failure.shard, enqueue_time_ms=failure.enqueue_time_ms,
+                   timeout=_HOOK_TIMEOUT_S)
+    await _run_final_failure_hook(task, ctx, failure.payload, failure.reason, failure.error)
 
 
 def make_reject_function() -> ArqJobFunction:
@@ -137,11 +226,9 @@ async def run_in_envelope(task: Task, arq_ctx: dict[str, Any], payload: dict[str
     job_try: int = arq_ctx.get("job_try") or 1
     enqueue_ms = int(arq_ctx["enqueue_time"].timestamp() * 1000)
     tenant_label = metrics.tenant_label(config, tenant_id)
-    bound = log.bind(tenant_id=tenant_id, job_id=job_id, task=task.name)
-    ctx = JobContext(
-        tenant_id=tenant_id, job_id=job_id, task=task.name, job_try=job_try, queue=queue,
-        shard=arq_ctx["shard"], enqueue_time_ms=enqueue_ms, timeout=timeout, runtime=runtime, log=bound,
-    )
+    ctx = _context(runtime, tenant_id=tenant_id, job_id=job_id, task=task.name, job_try=job_try, queue=queue,
+                   shard=arq_ctx["shard"], enqueue_time_ms=enqueue_ms, timeout=timeout)
+    bound = ctx.log
     try:
         task.check_payload(ctx, payload)
     except PayloadError as exc:
@@ -172,7 +259,11 @@ async def run_in_envelope(task: Task, arq_ctx: dict[str, Any], payload: dict[str
                 message = f"{task.name} timed out after {timeout:g}s"
                 bound.warning("job timed out", timeout_s=timeout)
                 await _publish(runtime, tenant_id, "job_timed_out", {**base, "timeout": timeout})
-                raise JobTimedOut(message) from None
+                timed_out = JobTimedOut(message)
+                await _publish(runtime, tenant_id, "job_failed",
+                               {**base, "reason": "timeout", **error_record(timed_out)})
+                await _run_final_failure_hook(task, ctx, payload, "timeout", timed_out)
+                raise timed_out from None
             try:
                 json.dumps(result)
             except (TypeError, ValueError) as exc:
@@ -200,7 +291,8 @@ async def run_in_envelope(task: Task, arq_ctx: dict[str, Any], payload: dict[str
                 raise Retry(defer=defer) from exc
             outcome = "failure"
             bound.exception("job failed")
-            await _publish(runtime, tenant_id, "job_failed", {**base, **error_record(exc)})
+            await _publish(runtime, tenant_id, "job_failed", {**base, "reason": "error", **error_record(exc)})
+            await _run_final_failure_hook(task, ctx, payload, "error", exc)
             raise
         else:
             outcome = "success"

@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from agentworker.tasks.context import JobContext
 
 TaskFunction = Callable[..., Awaitable[Any]]
+#: called once when a job of the task has failed for good (tries used up, timed out, poisoned, rejected),
+#: with the job's context, its payload, the reason ('error', 'timeout', 'poisoned', 'tries_exhausted',
+#: 'rejected') and the error: the place to end what the job was doing (a workflow run, an agent run)
+#: as failed. It must not raise; the worker gives it a few seconds.
+FinalFailureHook = Callable[["JobContext", dict[str, Any], str, BaseException], Awaitable[None]]
 F = TypeVar("F", bound=TaskFunction)
 
 #: Modules every worker imports for their tasks.
@@ -44,6 +49,7 @@ class Task:
     timeout: float | None = None
     #: exception types that are retried (with backoff, while tries remain) instead of failing the job
     retry_on: tuple[type[BaseException], ...] = ()
+    on_final_failure: FinalFailureHook | None = None
     signature: inspect.Signature = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -62,7 +68,8 @@ class TaskRegistry:
         self._tasks: dict[str, Task] = {}
 
     def register(self, func: TaskFunction, *, name: str | None = None, timeout: float | None = None,
-                 retry_on: Iterable[type[BaseException]] = ()) -> Task:
+                 retry_on: Iterable[type[BaseException]] = (),
+                 on_final_failure: FinalFailureHook | None = None) -> Task:
         task_name = validate_task_name(name or func.__name__)
         if task_name == REJECT_TASK:
             raise ValueError(f"{REJECT_TASK!r} is reserved")
@@ -71,7 +78,8 @@ class TaskRegistry:
         existing = self._tasks.get(task_name)
         if existing is not None and existing.func is not func:
             raise ValueError(f"task {task_name!r} is already registered by {existing.func.__module__}")
-        task = Task(name=task_name, func=func, timeout=timeout, retry_on=tuple(retry_on))
+        task = Task(name=task_name, func=func, timeout=timeout, retry_on=tuple(retry_on),
+                    on_final_failure=on_final_failure)
         self._tasks[task_name] = task
         return task
 
@@ -92,11 +100,12 @@ REGISTRY = TaskRegistry()
 
 
 def task(name: str | None = None, *, timeout: float | None = None,
-         retry_on: Iterable[type[BaseException]] = ()) -> Callable[[F], F]:
+         retry_on: Iterable[type[BaseException]] = (),
+         on_final_failure: FinalFailureHook | None = None) -> Callable[[F], F]:
     """Register an async function as a task in :data:`REGISTRY`."""
 
     def decorate(func: F) -> F:
-        REGISTRY.register(func, name=name, timeout=timeout, retry_on=retry_on)
+        REGISTRY.register(func, name=name, timeout=timeout, retry_on=retry_on, on_final_failure=on_final_failure)
         return func
 
     return decorate
