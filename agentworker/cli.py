@@ -12,7 +12,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
@@ -21,6 +21,9 @@ from agentworker.config import ConfigError, QuotaConfig, load_config, resolve_co
 from agentworker.jobs import InvalidJob
 from agentworker.routing import InvalidTenantId, route_tenant
 from agentworker.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -137,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agentworker.logs import configure_logging
     from agentworker.supervisor.runner import StartupError, serve
 
-    settings = Settings.from_env(config=args.config, port=args.port)
+    settings = Settings.from_env(config=getattr(args, "config", None), port=args.port)
     # abspath, not resolve(): a ConfigMap is a symlink swapped on update; workers must follow the link.
     path = Path(os.path.abspath(resolve_config_path(settings.config)))
     load_config(path)  # a bad file: one line and exit 2 before anything starts
@@ -183,12 +186,105 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- dead-letters ------------------------------------------------------------------------------------
+
+DETAIL_WIDTH = 60
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    return asyncio.run(_dead_letters(args))
+
+
+async def _dead_letters(args: argparse.Namespace) -> int:
+    from redis.asyncio import Redis
+
+    from agentworker.dead_letters import DeadLetterError
+
+    settings = _settings(args)
+    config = load_config(settings.config)
+    if args.pool is not None and args.pool not in config.pools:
+        raise CommandError(f"unknown pool {args.pool!r}: the quota file has {', '.join(sorted(config.pools))}")
+    pools = [args.pool] if args.pool is not None else sorted(config.pools)
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=15)
+    try:
+        if args.action == "list":
+            return await _list_dead_letters(redis, pools, args)
+        return await _act_on_dead_letter(redis, config, pools, args)
+    except DeadLetterError as exc:
+        raise CommandError(str(exc), EXIT_FAILED) from None
+    finally:
+        await redis.aclose()
+
+
+async def _list_dead_letters(redis: Redis, pools: list[str], args: argparse.Namespace) -> int:
+    from agentworker.dead_letters import list_dead_letters
+
+    if args.limit < 1:
+        raise CommandError(f"--limit must be at least 1, not {args.limit}")
+    found = [await list_dead_letters(redis, pool, limit=args.limit) for pool in pools]
+    if args.json:
+        print(json.dumps({"dead_letters": [letter.as_dict() for listing in found for letter in listing.letters],
+                          "total": {listing.pool: listing.total for listing in found}}))
+        return EXIT_OK
+    rows = [[letter.pool, letter.id, letter.reason, _age(letter.age_s()), _truncate(letter.detail, DETAIL_WIDTH)]
+            for listing in found for letter in listing.letters]
+    if rows:
+        headers = ["POOL", "ID", "REASON", "AGE", "DETAIL"]
+        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+        for line in [headers, *rows]:
+            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    totals = ", ".join(f"{listing.total} in pool {listing.pool}" for listing in found)
+    print(f"{sum(listing.total for listing in found)} dead letter(s): {totals}")
+    for listing in found:
+        if listing.more:
+            print(f"pool {listing.pool}: {listing.more} more not shown (--limit {args.limit})")
+    return EXIT_OK
+
+
+async def _act_on_dead_letter(redis: Redis, config: QuotaConfig, pools: list[str], args: argparse.Namespace) -> int:
+    from agentworker.dead_letters import delete, find_pools, parse_id, requeue
+
+    raw = parse_id(args.id)
+    if len(pools) > 1:
+        holding = await find_pools(redis, pools, raw)
+        if not holding:
+            raise CommandError(f"job {args.id} is not among the dead letters of any pool "
+                               f"({', '.join(pools)})", EXIT_FAILED)
+        if len(holding) > 1:
+            raise CommandError(f"job {args.id} is among the dead letters of pools {', '.join(holding)}; "
+                               f"say which with --pool")
+        pools = holding
+    pool = pools[0]
+    if args.action == "requeue":
+        letter = await requeue(redis, pool, raw, config=config)
+        print(f"job {letter.id} requeued on {letter.queue} (pool {pool}), dead-lettered {_age(letter.age_s())} "
+              f"ago as {letter.reason}")
+    else:
+        letter = await delete(redis, pool, raw)
+        print(f"job {letter.id} deleted from the dead letters of pool {pool}, with its job record "
+              f"({letter.reason}, dead-lettered {_age(letter.age_s())} ago)")
+    return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    for unit, size, below in (("s", 1, 120), ("m", 60, 7200), ("h", 3600, 172800)):
+        if seconds < below:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds // 86400)}d"
+
+
+def _truncate(text: str, width: int) -> str:
+    text = " ".join(text.split())  # one line per row, whatever the detail holds
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 # -- wiring ------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE",
+    # SUPPRESS: a subcommand's parser would otherwise reset a --config given before it to None.
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="quota file (default: $AGENTWORKER_CONFIG, else the packaged default)")
     parser = argparse.ArgumentParser(prog="agentworker", description=__doc__.splitlines()[0] if __doc__ else "",
                                      parents=[common])
@@ -226,6 +322,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", parents=[common], help="create or upgrade the PostgreSQL schema (safe to re-run)")
     p.add_argument("--database-url", help="PostgreSQL URL (default: $AGENTWORKER_DATABASE_URL)")
     p.set_defaults(handler=cmd_migrate)
+
+    p = sub.add_parser("dead-letters", parents=[common], help="list, requeue or delete the jobs no worker could read")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    pool_help = "the pool (default: every pool of the quota file)"
+    id_help = "the job id as listed (a non-UTF-8 id as hex:<hex of its bytes>)"
+    q = actions.add_parser("list", parents=[common], help="list the dead letters, oldest first")
+    q.add_argument("--pool", help=pool_help)
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.add_argument("--limit", type=int, default=1000, help="at most this many per pool (default 1000)")
+    q = actions.add_parser("requeue", parents=[common],
+                           help="put a dead letter back in its queue (repair its job record first)")
+    q.add_argument("id", help=id_help)
+    q.add_argument("--pool", help=pool_help)
+    q = actions.add_parser("delete", parents=[common], help="drop a dead letter and its job record for good")
+    q.add_argument("id", help=id_help)
+    q.add_argument("--pool", help=pool_help)
+    p.set_defaults(handler=cmd_dead_letters)
     return parser
 
 

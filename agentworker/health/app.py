@@ -6,7 +6,8 @@ GET /health         liveness: the reconcile loop turned recently. Redis or Postg
 GET /ready          readiness: Redis and PostgreSQL reachable, every pool has a serving process
                     and none is failing, the supervisor is not draining.
 GET /metrics        Prometheus text: the supervisor's metrics and every worker's, merged.
-GET /status         JSON: pools, processes, queue depths, per-tenant in-flight and pending.
+GET /status         JSON: pools, processes, queue depths, per-tenant in-flight and pending, dead
+                    letters per pool.
 POST /admin/reload  re-read the quota file (bearer token ``AGENTWORKER_ADMIN_TOKEN``; without a
                     token configured every /admin/ path answers 404). 200 with what changed, or
                     422 with the file's errors (the running config stays).

@@ -57,9 +57,14 @@ def render_status(document: dict[str, Any]) -> str:
              f"redis {'ok' if sup.get('redis_ok') else 'DOWN' if sup.get('redis_ok') is False else '?'}, "
              f"config {sup.get('config')} (version {sup.get('config_version')})", ""]
     pools = document.get("pools", {})
-    lines += _table(["POOL", "STATUS", "SERVING", "PROCS", "SHARDS", "CONC", "RESTARTS", "REASON"],
+    dead = document.get("dead_letters") or {}
+    lines += _table(["POOL", "STATUS", "SERVING", "PROCS", "SHARDS", "CONC", "RESTARTS", "DEAD", "REASON"],
                     [[name, p.get("status"), p.get("serving"), p.get("processes"), p.get("shards"),
-                      p.get("concurrency"), p.get("restarts"), p.get("reason")] for name, p in pools.items()])
+                      p.get("concurrency"), p.get("restarts"), dead.get(name), p.get("reason")]
+                     for name, p in pools.items()])
+    dead_total = sum(n for n in dead.values() if isinstance(n, int))
+    if dead_total:
+        lines.append(f"{dead_total} dead letter(s): see `agentworker dead-letters list`")
     lines.append("")
     rows = []
     for proc in document.get("processes", []):

@@ -1,4 +1,5 @@
-"""The supervisor's Redis side: publish the routing table, read queue depths and tenant counts.
+"""The supervisor's Redis side: publish the routing table, read queue depths, tenant counts and dead
+letters, and release the job leases of workers it has reaped.
 
 It runs beside the reconcile loop, never inside it, so a slow or absent Redis cannot stall process
 supervision. Every failure is logged once per outage and retried on the next pass; nothing here ever
@@ -17,12 +18,15 @@ from redis.exceptions import RedisError
 
 from agentworker import keys
 from agentworker.config import QuotaConfig
+from agentworker.job_leases import holder_id, release_holder
 from agentworker.logs import get_logger
 from agentworker.routing import routing_table_json
 
 log = get_logger("agentworker.supervisor")
 
 OBSERVE_INTERVAL_S = 2.0
+#: attempts to release a dead worker's job leases while Redis is unreachable (then they lapse by themselves)
+RELEASE_ATTEMPTS = 5
 #: re-assert the routing table this often even when nothing changed (someone may have deleted it)
 REPUBLISH_INTERVAL_S = 60.0
 
@@ -45,6 +49,7 @@ class RedisSnapshot:
 
     queues: dict[tuple[str, int], QueueDepth] = field(default_factory=dict)
     tenants: dict[str, TenantCounts] = field(default_factory=dict)
+    dead_letters: dict[str, int] = field(default_factory=dict)  # per pool: entries of agentworker:dead:{pool}
     at: float | None = None
 
 
@@ -57,6 +62,34 @@ class RedisObserver:
         self.ok: bool | None = None
         self.error: str | None = None
         self._published: tuple[int, float] | None = None  # (config version, monotonic time)
+        self._releases: set[asyncio.Task[None]] = set()
+        self.jobs_released = 0
+
+    def release_dead_worker(self, pool: str, pid: int) -> None:
+        """Release, now and in the background, the job leases of a worker process the supervisor reaped.
+
+        Called from the reconcile loop (which never waits on Redis); its jobs run again on the live
+        workers within milliseconds instead of after the lease TTL."""
+        task = asyncio.create_task(self._release(pool, pid), name=f"release-{pid}")
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, pool: str, pid: int) -> None:
+        holder = holder_id(pid)
+        for attempt in range(RELEASE_ATTEMPTS):
+            try:
+                released = await release_holder(self.redis, holder, pool)
+            except (RedisError, OSError) as exc:
+                if attempt == RELEASE_ATTEMPTS - 1:
+                    log.warning("cannot release a dead worker's jobs; their leases will lapse", worker_pid=pid,
+                                pool=pool, error=str(exc))
+                    return
+                await asyncio.sleep(0.2 * 2**attempt)
+                continue
+            if released:
+                self.jobs_released += released
+                log.info("released the jobs of a dead worker", worker_pid=pid, pool=pool, jobs=released)
+            return
 
     async def run_forever(self) -> None:
         while True:
@@ -94,6 +127,7 @@ class RedisObserver:
         now_ms = int(time.time() * 1000)
         queues = [(pool, shard) for pool, quota in sorted(config.pools.items()) for shard in range(quota.shards)]
         tenants = sorted(config.tenants)
+        pools = sorted(config.pools)
         async with self.redis.pipeline(transaction=False) as pipe:
             for pool, shard in queues:
                 pipe.zcount(keys.queue(pool, shard), "-inf", now_ms)
@@ -101,6 +135,8 @@ class RedisObserver:
             for tenant in tenants:
                 pipe.zcount(keys.tenant_leases(tenant), now_ms, "+inf")
                 pipe.zcount(keys.pending(tenant), now_ms, "+inf")
+            for pool in pools:
+                pipe.hlen(keys.dead_letters(pool))
             replies = await pipe.execute()
         it = iter(replies)
         snapshot = RedisSnapshot(at=time.time())
@@ -108,4 +144,6 @@ class RedisObserver:
             snapshot.queues[queue] = QueueDepth(ready=int(next(it)), total=int(next(it)))
         for tenant in tenants:
             snapshot.tenants[tenant] = TenantCounts(in_flight=int(next(it)), pending=int(next(it)))
+        for pool in pools:
+            snapshot.dead_letters[pool] = int(next(it))
         self.snapshot = snapshot

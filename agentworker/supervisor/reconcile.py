@@ -3,7 +3,8 @@
 Signal handlers, the HTTP admin endpoint and the quota-file watcher only set flags or queue requests;
 each :meth:`Supervisor.turn` acts on them, then, in order:
 
-1. reaps every exited child (``waitpid(-1, WNOHANG)``; pids that are not ours are orphans, ignored);
+1. reaps every exited child (``waitpid(-1, WNOHANG)``; pids that are not ours are orphans, ignored) and
+   has the observer release the job leases each dead worker held, so its jobs run again at once;
 2. reads each worker's heartbeat file and RSS;
 3. per slot: a worker whose heartbeat is older than the pool's ``hang_timeout`` is hung (SIGTERM, then
    SIGKILL after a short grace) and replaced; an empty slot starts a process once its backoff allows;
@@ -78,6 +79,8 @@ class Supervisor:
         self.draining = False
         self.drain_deadline: float | None = None
         self.config_version = 1  # bumped on every applied reload (the observer republishes routing)
+        #: called with (pool, pid) for every worker reaped: the runner releases its job leases in Redis
+        self.on_worker_gone: Callable[[str, int], None] | None = None
         self.last_reload: ReloadResult | None = None
         self._stop_requested = False
         self._kill_requested = False
@@ -216,6 +219,11 @@ class Supervisor:
             log.debug("reaped a process that is not a worker (orphan)", orphan_pid=pid, code=code)
             return
         slot, handle = entry
+        if self.on_worker_gone is not None:
+            try:
+                self.on_worker_gone(slot.pool, pid)
+            except Exception as exc:  # must not stop supervision: its leases lapse by themselves
+                log.error("cannot schedule the release of a dead worker's jobs", worker_pid=pid, error=repr(exc))
         try:
             self.metrics.retire(pid)
         except (OSError, RuntimeError, ValueError) as exc:  # a corrupt file must not stop supervision

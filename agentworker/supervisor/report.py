@@ -105,6 +105,7 @@ def status_document(supervisor: Supervisor, observer: RedisObserver) -> dict[str
         "processes": rows,
         "queues": queues,
         "tenants": {t: {"in_flight": c.in_flight, "pending": c.pending} for t, c in sorted(snap.tenants.items())},
+        "dead_letters": dict(sorted(snap.dead_letters.items())),
         "observed_at": snap.at,
         "restarts": {f"{pool}/{reason}": n for (pool, reason), n in sorted(supervisor.restart_counts.items())},
     }
@@ -172,6 +173,12 @@ class SupervisorCollector(Collector):
             tenant_pending.add_metric([tenant], counts_.pending)
         yield tenant_flight
         yield tenant_pending
+
+        dead = GaugeMetricFamily("agentworker_dead_letter_entries",
+                                 "Entries in each pool's dead letters (agentworker:dead:{pool}) now.", labels=["pool"])
+        for pool_name, n in sorted(self.observer.snapshot.dead_letters.items()):
+            dead.add_metric([pool_name], n)
+        yield dead
 
         up = GaugeMetricFamily("agentworker_redis_up", "1 if the supervisor's last Redis pass succeeded.")
         up.add_metric([], 1 if self.observer.ok else 0)

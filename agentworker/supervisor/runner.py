@@ -141,6 +141,7 @@ async def serve(settings: Settings, config_path: Path) -> int:
         supervisor = Supervisor(settings=settings, watch=watch, config=config, run_dir=run_dir,
                                 metrics=archive, child_env=child_environment(metrics_dir))
         observer = RedisObserver(redis, lambda: (supervisor.config_version, supervisor.config))
+        supervisor.on_worker_gone = observer.release_dead_worker
         registry = CollectorRegistry(auto_describe=False)
         MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
         registry.register(SupervisorCollector(supervisor, observer))
