@@ -217,17 +217,18 @@ def database_url_for(server_url: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+@contextlib.contextmanager
+def scratch_database(prefix: str, *, checkpoints: bool = False) -> Iterator[str]:
+    """A migrated database with a random name on the test server, dropped afterwards (skips the test when
+    PostgreSQL is unreachable). ``checkpoints``: also LangGraph's checkpoint tables."""
     import uuid
 
     import asyncpg
 
     from agentworker.db.migrate import migrate
-    from agentworker.graphs.checkpoints import setup_checkpoint_tables
 
     server = os.environ.get("AGENTWORKER_TEST_DATABASE_URL", TEST_DATABASE_SERVER)
-    name = f"aw_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
 
     async def admin(sql: str) -> None:
         conn = await asyncpg.connect(server, timeout=10)
@@ -242,10 +243,21 @@ def database_url() -> Iterator[str]:
         pytest.skip(f"PostgreSQL is not reachable for the tests: {exc}")
     url = database_url_for(server, name)
     try:
-        asyncio.run(migrate(url, after=[setup_checkpoint_tables]))
+        if checkpoints:
+            from agentworker.graphs.checkpoints import setup_checkpoint_tables
+
+            asyncio.run(migrate(url, after=[setup_checkpoint_tables]))
+        else:
+            asyncio.run(migrate(url))
         yield url
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with scratch_database("aw_test", checkpoints=True) as url:
+        yield url
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ async def test_a_tenant_can_neither_read_nor_write_another_tenants_rows(database
         assert await approvals.get_approval(tx, b_run, "gate") is None
         assert await approvals.decide(tx, b_run, "gate", approved=True, decision={}) is None
         await runs.set_run_status(tx, b_run, RunStatus.FAILED, error={"hijacked": True})
-        await runs.count_attempt(tx, b_run)
+        await runs.count_attempt(tx, b_run, job_id="j")
         assert (await definitions.get_definition(tx, "wf")).tenant_id == a  # type: ignore[union-attr]
         # And with raw SQL under A's setting:
         for table in TABLES:

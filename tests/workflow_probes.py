@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from typing import Any
 
 from redis.asyncio import Redis
@@ -26,11 +27,13 @@ def counter_key(tenant_id: str, name: str) -> str:
 @tool(side_effects=False)
 async def probe_step(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
     """Count an execution of ``args["name"]``; block ``args["block_first"]`` seconds on the first one;
-    fail while the count is below ``args["fail_until"]``."""
+    fail while the count is below ``args["fail_until"]``; SIGKILL its own worker when ``args["kill_worker"]``."""
     name = str(args["name"])
     async with _redis() as redis:
         count = int(await redis.incr(counter_key(ctx.tenant_id, name)))
         await redis.rpush(f"wfprobe:{ctx.tenant_id}:order", name)
+    if args.get("kill_worker"):
+        os.kill(os.getpid(), signal.SIGKILL)  # a poison step: its worker dies every time it runs it
     if count == 1 and args.get("block_first"):
         await asyncio.sleep(float(args["block_first"]))
     if count < int(args.get("fail_until", 0)):

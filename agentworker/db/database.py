@@ -26,7 +26,7 @@ APP_ROLE = "agentworker_app"
 SCHEMA = "agentworker"
 TENANT_SETTING = "agentworker.tenant_id"
 #: The newest migration the code expects; older databases are refused with "run agentworker migrate".
-REQUIRED_MIGRATION = 3
+REQUIRED_MIGRATION = 4
 
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -121,7 +121,8 @@ class Database:
 
     async def fetch_without_tenant(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """One read-only query in a transaction with no tenant set, where row-level security hides every
-        tenant row: only a SECURITY DEFINER index made for it (``agentworker.due_schedules``) answers."""
+        tenant row: only a SECURITY DEFINER index made for it (``agentworker.due_schedules``,
+        ``agentworker.idle_running_runs``) answers."""
         with _unavailable_on_connection_loss(self.url):
             async with self._pool.acquire() as conn, conn.transaction(readonly=True):
                 await conn.execute("SELECT set_config('role', $1, true)", APP_ROLE)

@@ -1,4 +1,8 @@
-"""Workflow runs and their step records (the audit trail): one row per run, one row per step attempt."""
+"""Workflow runs and their step records (the audit trail): one row per run, one row per step attempt.
+
+A run records the job that last started working it (``job_id``): the run sweeper fails a run left
+``running`` once that job is gone (:func:`idle_running_runs`, :func:`fail_running_run`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from agentworker.db.database import SCHEMA, TenantTransaction
+from agentworker.db.database import SCHEMA, Database, TenantTransaction
 
 
 class RunStatus(StrEnum):
@@ -83,6 +87,8 @@ class RunRecord:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    #: the job that last started working the run (None for runs made before migration 0004)
+    job_id: str | None = None
     steps: tuple[StepRecord, ...] = field(default=())
 
     @property
@@ -105,7 +111,7 @@ def _run(row: asyncpg.Record, steps: tuple[StepRecord, ...] = ()) -> RunRecord:
         workflow_version=row["workflow_version"], idempotency_key=row["idempotency_key"], status=row["status"],
         trigger=row["trigger"], input=row["input"], output=row["output"], error=row["error"],
         attempts=row["attempts"], created_at=row["created_at"], updated_at=row["updated_at"],
-        finished_at=row["finished_at"], steps=steps,
+        finished_at=row["finished_at"], job_id=row["job_id"], steps=steps,
     )
 
 
@@ -119,13 +125,15 @@ def _step(row: asyncpg.Record) -> StepRecord:
 
 
 async def create_run(tx: TenantTransaction, *, workflow_id: str, workflow_version: int, idempotency_key: str,
-                     trigger: str, input_data: Any) -> tuple[RunRecord, bool]:
-    """The run of ``idempotency_key``: created now (``True``) or found from an earlier attempt (``False``)."""
+                     trigger: str, input_data: Any, job_id: str | None = None) -> tuple[RunRecord, bool]:
+    """The run of ``idempotency_key``: created now (``True``) or found from an earlier attempt (``False``).
+
+    ``job_id``: the job creating it (default the key, which is ``execute_workflow``'s job id)."""
     row = await tx.fetchrow(
         f"INSERT INTO {SCHEMA}.workflow_runs (tenant_id, run_id, workflow_id, workflow_version, idempotency_key, "
-        "status, trigger, input) VALUES ($1, $2, $3, $4, $5, 'running', $6, $7) "
+        "status, trigger, input, job_id) VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, coalesce($8, $5)) "
         "ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING *",
-        tx.tenant_id, uuid.uuid4(), workflow_id, workflow_version, idempotency_key, trigger, input_data)
+        tx.tenant_id, uuid.uuid4(), workflow_id, workflow_version, idempotency_key, trigger, input_data, job_id)
     if row is not None:
         return _run(row), True
     existing = await tx.fetchrow(f"SELECT * FROM {SCHEMA}.workflow_runs WHERE idempotency_key = $1",
@@ -156,10 +164,10 @@ async def list_runs(tx: TenantTransaction, *, workflow_id: str | None = None, st
     return [_run(row) for row in rows]
 
 
-async def count_attempt(tx: TenantTransaction, run_id: str | uuid.UUID) -> None:
-    """Another job attempt picked up the run."""
-    await tx.execute(f"UPDATE {SCHEMA}.workflow_runs SET attempts = attempts + 1, updated_at = now() "
-                     "WHERE run_id = $1", parse_run_id(run_id))
+async def count_attempt(tx: TenantTransaction, run_id: str | uuid.UUID, *, job_id: str) -> None:
+    """Another job attempt (of job ``job_id``, which now drives the run) picked up the run."""
+    await tx.execute(f"UPDATE {SCHEMA}.workflow_runs SET attempts = attempts + 1, job_id = $2, updated_at = now() "
+                     "WHERE run_id = $1", parse_run_id(run_id), job_id)
 
 
 async def set_run_status(tx: TenantTransaction, run_id: str | uuid.UUID, status: RunStatus, *,
@@ -224,3 +232,47 @@ async def interrupt_running_steps(tx: TenantTransaction, run_id: str | uuid.UUID
 async def find_run_by_key(tx: TenantTransaction, idempotency_key: str) -> RunRecord | None:
     row = await tx.fetchrow(f"SELECT * FROM {SCHEMA}.workflow_runs WHERE idempotency_key = $1", idempotency_key)
     return None if row is None else _run(row)
+
+
+# -- runs whose job is gone ------------------------------------------------------------------------------
+
+
+async def fail_running_run(tx: TenantTransaction, run_id: str | uuid.UUID, *, job_id: str, error: Any,
+                           idle_for_s: float | None = None) -> RunRecord | None:
+    """Mark the run ``failed`` with ``error`` if it is still ``running`` and driven by ``job_id`` (and, with
+    ``idle_for_s``, not updated for that long); close its running steps. Return the failed run, or None
+    when it was not in that state (finished, waiting, picked up by another job, or failed by another
+    reporter already): the condition is in the ``UPDATE``, so of two reporters only one gets the run."""
+    run_uuid = parse_run_id(run_id)
+    row = await tx.fetchrow(
+        f"UPDATE {SCHEMA}.workflow_runs SET status = 'failed', error = $3, updated_at = now(), finished_at = now() "
+        "WHERE run_id = $1 AND status = 'running' AND coalesce(job_id, idempotency_key) = $2 "
+        "AND ($4::float8 IS NULL OR updated_at <= now() - make_interval(secs => $4::float8)) RETURNING *",
+        run_uuid, job_id, error, idle_for_s)
+    if row is None:
+        return None
+    await interrupt_running_steps(tx, run_uuid)
+    return _run(row)
+
+
+@dataclass(frozen=True, slots=True)
+class IdleRun:
+    """A ``running`` run not updated for a while, and the job that should be driving it."""
+
+    tenant_id: str
+    run_id: str
+    job_id: str
+    updated_at: datetime
+
+
+async def idle_running_runs(database: Database, *, idle_for_s: float, limit: int,
+                            after: IdleRun | None = None) -> list[IdleRun]:
+    """Running runs of every tenant not updated for ``idle_for_s`` seconds (ids only), oldest first, at
+    most ``limit`` (1 to 1000); ``after``: the last run of the previous page."""
+    if not 1 <= limit <= 1000:
+        raise ValueError(f"limit must be from 1 to 1000, got {limit!r}")
+    records = await database.fetch_without_tenant(
+        f"SELECT * FROM {SCHEMA}.idle_running_runs($1, $2, $3, $4, $5)", float(idle_for_s), limit,
+        after.updated_at if after else None, after.tenant_id if after else None,
+        parse_run_id(after.run_id) if after else None)
+    return [IdleRun(r["tenant_id"], str(r["run_id"]), r["job_id"], r["updated_at"]) for r in records]

@@ -55,6 +55,7 @@ from agentworker.settings import Settings, SettingsError
 from agentworker.tasks.context import JobRuntime
 from agentworker.tasks.envelope import FinalFailure, make_job_function, make_reject_function, report_final_failure
 from agentworker.tasks.registry import TaskRegistry, load_task_modules
+from agentworker.tasks.run_sweeper import sweep_forever
 
 log = get_logger("agentworker.worker")
 
@@ -134,6 +135,8 @@ class WorkerProcess:
             asyncio.create_task(self._write_status_forever(), name="status"),
             # Tenant schedules: every worker process dispatches (see agentworker.schedules.dispatcher).
             asyncio.create_task(dispatch_for_worker(self.runtime), name="schedule-dispatcher"),
+            # Workflow runs left `running` with no job behind them: one process at a time fails them.
+            asyncio.create_task(sweep_forever(self.runtime), name="run-sweeper"),
         ]
         mains = [asyncio.create_task(w.main(), name=f"shard-{w.shard}") for w in self.workers]
         self.state = "serving"

@@ -10,10 +10,28 @@
 A retried job continues its own turn or run from the last checkpoint (its ids derive from the job id)
 and never repeats a side effect (the ledger). LangChain, LangGraph and MCP are imported on the first
 agent job, not with this module.
+
+**Failures.** Agent runs have no status row: their end is the ``agent_run_failed`` event, with the
+task's identity (``{"agent": "tool", "run_id"}``, or ``{"agent": "chat", "conversation_id"}`` for
+``run_chat_agent`` and ``handle_message``), ``error`` and ``message``. The tasks publish it themselves
+for every exception the agent run raises (on tries that will be retried too). When a job fails for
+good, the tasks' ``on_final_failure`` hook publishes it once more, with the worker's ``reason``, unless
+the task already published it for that very exception:
+
+* ``error``: only when the exception did not come out of the agent run itself (invalid input, the
+  router, the chat turn or the workflow ``handle_message`` ran — those raise past no except block);
+* ``timeout``: always — the deadline cancels the task, and ``CancelledError`` is not an ``Exception``,
+  so the task's except block never saw it;
+* ``poisoned``, ``tries_exhausted``, ``rejected``: always — the task function did not run (or its
+  worker died under it) on the try that ended the job.
+
+``handle_message`` also fails the workflow run it may have been running in-process (keyed by its job
+id), as ``execute_workflow``'s hook does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from typing import TYPE_CHECKING, Any
@@ -21,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from agentworker.db import DatabaseUnavailable
 from agentworker.tasks.context import JobContext
 from agentworker.tasks.registry import task
-from agentworker.tasks.workflow_tasks import checkpoints_of, database_of, execute_workflow
+from agentworker.tasks.workflow_tasks import checkpoints_of, database_of, execute_workflow, fail_job_run
 
 if TYPE_CHECKING:
     from agentworker.graphs.agent_runtime import AgentEnvironment, AgentOutcome
@@ -60,14 +78,56 @@ async def _environment(ctx: JobContext) -> AgentEnvironment:
                             checkpoints=await checkpoints_of(ctx))
 
 
+#: set on an exception once its task has published agent_run_failed for it, so the final-failure hook
+#: does not publish it twice (exceptions take no weak references: the mark rides on the exception)
+_REPORTED_MARK = "_agentworker_agent_run_failed"
+
+
 async def _failed(ctx: JobContext, identity: dict[str, Any], exc: BaseException) -> None:
     await ctx.emit_best_effort("agent_run_failed", {**identity, "error": type(exc).__name__, "message": str(exc)[:500]})
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, _REPORTED_MARK, True)
+
+
+async def _failed_for_good(ctx: JobContext, identity: dict[str, Any], reason: str, error: BaseException) -> None:
+    """The hooks' half of ``agent_run_failed`` (see the module's docstring). Never raises."""
+    if getattr(error, _REPORTED_MARK, False):
+        return
+    try:
+        await ctx.emit_best_effort("agent_run_failed", {**identity, "error": type(error).__name__,
+                                                        "message": str(error)[:500], "reason": reason})
+    except Exception as exc:  # a hook must not raise
+        ctx.log.exception("agent_run_failed not published", reason=reason, error=repr(exc))
+
+
+def _chat_identity(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"agent": "chat", "conversation_id": payload.get("conversation_id")}
+
+
+async def _chat_agent_failed(ctx: JobContext, payload: dict[str, Any], reason: str, error: BaseException) -> None:
+    await _failed_for_good(ctx, _chat_identity(payload), reason, error)
+
+
+async def _tool_agent_failed(ctx: JobContext, payload: dict[str, Any], reason: str, error: BaseException) -> None:
+    run_id = payload.get("run_id")
+    await _failed_for_good(ctx, {"agent": "tool", "run_id": run_id if run_id is not None
+                                 else f"job-{job_digest(ctx.job_id)}"}, reason, error)
+
+
+async def _resume_agent_failed(ctx: JobContext, payload: dict[str, Any], reason: str, error: BaseException) -> None:
+    await _failed_for_good(ctx, {"agent": "tool", "run_id": payload.get("run_id")}, reason, error)
+
+
+async def _handle_message_failed(ctx: JobContext, payload: dict[str, Any], reason: str,
+                                 error: BaseException) -> None:
+    await fail_job_run(ctx, reason, error)
+    await _failed_for_good(ctx, _chat_identity(payload), reason, error)
 
 
 # -- tasks ----------------------------------------------------------------------------------------------
 
 
-@task(retry_on=(DatabaseUnavailable,))
+@task(retry_on=(DatabaseUnavailable,), on_final_failure=_chat_agent_failed)
 async def run_chat_agent(ctx: JobContext, tenant_id: str, conversation_id: str, message: str) -> dict[str, Any]:
     """Answer ``message`` in conversation ``conversation_id``; the reply is also an ``agent_message`` event."""
     _check_id("conversation_id", conversation_id)
@@ -84,7 +144,7 @@ async def run_chat_agent(ctx: JobContext, tenant_id: str, conversation_id: str, 
     return {"conversation_id": conversation_id, **outcome.to_dict()}
 
 
-@task(retry_on=(DatabaseUnavailable,))
+@task(retry_on=(DatabaseUnavailable,), on_final_failure=_tool_agent_failed)
 async def run_tool_agent(ctx: JobContext, tenant_id: str, instructions: str, run_id: str | None = None,
                          tools: list[str] | None = None, model: str | None = None,
                          max_iterations: int = 10) -> dict[str, Any]:
@@ -100,7 +160,7 @@ async def run_tool_agent(ctx: JobContext, tenant_id: str, instructions: str, run
                            max_iterations=max_iterations)
 
 
-@task(retry_on=(DatabaseUnavailable,))
+@task(retry_on=(DatabaseUnavailable,), on_final_failure=_resume_agent_failed)
 async def resume_agent(ctx: JobContext, tenant_id: str, run_id: str, decision: Any) -> dict[str, Any]:
     """Answer the tool calls run ``run_id`` waits for: ``"approve"``, ``"reject"``,
     ``{"decision": "approve" | "reject" | "edit", "comment": ..., "args": {...}}``, or a list of these
@@ -109,7 +169,7 @@ async def resume_agent(ctx: JobContext, tenant_id: str, run_id: str, decision: A
     return await _tool_run(ctx, run_id, decisions=parse_agent_decisions(decision))
 
 
-@task(retry_on=(DatabaseUnavailable,))
+@task(retry_on=(DatabaseUnavailable,), on_final_failure=_handle_message_failed)
 async def handle_message(ctx: JobContext, tenant_id: str, conversation_id: str, message: str) -> dict[str, Any]:
     """Route ``message`` to the chat agent, the tool agent or one of the tenant's workflows, and run it."""
     _check_id("conversation_id", conversation_id)

@@ -132,7 +132,7 @@ def misrouting_reason(runtime: JobRuntime, job_id: str, task: str, tenant_id: ob
 
 
 async def reject(runtime: JobRuntime, arq_ctx: dict[str, Any], reason: str, task: str | None,
-                 payload_tenant: object) -> None:
+                 payload_tenant: object, *, hook: tuple[Task, dict[str, Any]] | None = None) -> None:
     """Fail a job that may not run: log it, count it, tell its tenant, raise :class:`JobRejected`."""
     job_id = arq_ctx["job_id"]
     tenant = _event_tenant(job_id, payload_tenant)
@@ -146,7 +146,14 @@ async def reject(runtime: JobRuntime, arq_ctx: dict[str, Any], reason: str, task
         await _publish(runtime, tenant, "job_rejected", {**base, "reason": reason})
         await _publish(runtime, tenant, "job_failed",
                        {**base, "reason": "rejected", "error": "JobRejected", "message": reason})
-    raise JobRejected(reason)
+    error = JobRejected(reason)
+    if hook is not None and tenant is not None and hook[1].get("tenant_id") == tenant:
+        # A rejected job may still have begun a run on an earlier try (e.g. before a reshard): end it.
+        ctx = _context(runtime, tenant_id=tenant, job_id=job_id, task=hook[0].name,
+                       job_try=arq_ctx.get("job_try") or 1, queue=arq_ctx.get("queue", ""),
+                       shard=arq_ctx.get("shard", 0), enqueue_time_ms=0, timeout=_HOOK_TIMEOUT_S)
+        await _run_final_failure_hook(hook[0], ctx, hook[1], "rejected", error)
+    raise error
 
 
 def _context(runtime: JobRuntime, *, tenant_id: str, job_id: str, task: str, job_try: int, queue: str,
@@ -216,7 +223,7 @@ async def run_in_envelope(task: Task, arq_ctx: dict[str, Any], payload: dict[str
     tenant_id = payload.get("tenant_id")
     reason = misrouting_reason(runtime, job_id, task.name, tenant_id, queue)
     if reason is not None:
-        await reject(runtime, arq_ctx, reason, task.name, tenant_id)
+        await reject(runtime, arq_ctx, reason, task.name, tenant_id, hook=(task, payload))
     assert isinstance(tenant_id, str)
 
     config = runtime.config
@@ -232,7 +239,7 @@ async def run_in_envelope(task: Task, arq_ctx: dict[str, Any], payload: dict[str
     try:
         task.check_payload(ctx, payload)
     except PayloadError as exc:
-        await reject(runtime, arq_ctx, str(exc), task.name, tenant_id)
+        await reject(runtime, arq_ctx, str(exc), task.name, tenant_id, hook=(task, payload))
 
     base = {"job_id": job_id, "task": task.name, "try": job_try}
     wait_s = max(0.0, time.time() - arq_ctx["score"] / 1000)

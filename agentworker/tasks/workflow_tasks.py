@@ -8,6 +8,12 @@ steps are not run again; side effects went through the ledger).
 The worker connects to PostgreSQL on first use (a worker starts even when PostgreSQL is down); while it
 is unreachable these jobs fail with :class:`~agentworker.db.DatabaseUnavailable`, retried with backoff
 while the pool's ``max_tries`` allow. LangGraph is imported on the first workflow job, not with this module.
+
+A job that fails for good, whatever the path (the task raised, timed out, was rejected, used up its
+tries, or its worker died running it too often), ends the run it was driving as ``failed`` with
+``{"error", "message", "reason"}`` and one ``workflow_run_failed`` (:func:`fail_job_run`, the tasks'
+``on_final_failure`` hook); if PostgreSQL is down then, the run sweeper
+(:mod:`agentworker.tasks.run_sweeper`) fails the run later.
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from agentworker.db import Database, DatabaseUnavailable, approvals, definitions, runs
+from agentworker.db import Database, DatabaseError, DatabaseUnavailable, approvals, definitions, runs
 from agentworker.db.ledger import Ledger
-from agentworker.db.runs import RunRecord, RunStatus, StepStatus
+from agentworker.db.runs import InvalidRunId, RunRecord, RunStatus, StepStatus
 from agentworker.tasks.context import JobContext
 from agentworker.tasks.registry import task
 from agentworker.workflows.definition import WORKFLOW_ID_PATTERN, parse_workflow
@@ -72,10 +78,66 @@ async def checkpoints_of(ctx: JobContext) -> CheckpointStore:
                                            lambda: open_checkpoint_store(url, max_size=_pool_size(ctx)))
 
 
+# -- when a job fails for good --------------------------------------------------------------------------
+
+#: seconds a final-failure hook waits for PostgreSQL (the worker gives the whole hook a few more)
+_HOOK_DATABASE_BUDGET_S = 5.0
+
+
+def final_failure_error(reason: str, error: BaseException) -> dict[str, Any]:
+    """The ``error`` recorded on a run whose job failed for good (``reason``: the worker's, e.g. 'poisoned')."""
+    return {"error": type(error).__name__, "message": str(error)[:500], "reason": reason}
+
+
+async def fail_job_run(ctx: JobContext, reason: str, error: BaseException, *, run_id: str | None = None) -> None:
+    """End the run ``ctx``'s job was driving as ``failed``: ``run_id``, or else the run whose idempotency
+    key is the job id (the one ``execute_workflow`` makes). Only a run still ``running`` under this job
+    changes, in one conditional ``UPDATE``: a run waiting for approval, finished, already failed by the
+    task itself, or picked up by another job is left as it is and nothing is emitted. Never raises; with
+    PostgreSQL down it logs, and the run sweeper fails the run once it is reachable again."""
+    recorded = final_failure_error(reason, error)
+    try:
+        async with asyncio.timeout(_HOOK_DATABASE_BUDGET_S):
+            database = await database_of(ctx)
+            async with database.tenant(ctx.tenant_id) as tx:
+                target = run_id
+                if target is None:
+                    found = await runs.find_run_by_key(tx, ctx.job_id)
+                    target = found.run_id if found is not None else None
+                run = None if target is None else await runs.fail_running_run(tx, target, job_id=ctx.job_id,
+                                                                               error=recorded)
+    except (DatabaseError, TimeoutError, OSError) as exc:
+        ctx.log.warning("run not marked failed; the run sweeper will", reason=reason, error=str(exc) or repr(exc))
+        return
+    except Exception as exc:  # a bug here must not reach the worker: log it with the job bound
+        ctx.log.exception("marking the run failed raised", reason=reason, error=repr(exc))
+        return
+    if run is None:
+        return
+    ctx.log.warning("run failed with its job", run_id=run.run_id, workflow_id=run.workflow_id, reason=reason)
+    await ctx.emit_best_effort("workflow_run_failed", run_event(run, "failed", None, {"error": recorded}))
+
+
+async def _execute_workflow_failed(ctx: JobContext, payload: dict[str, Any], reason: str,
+                                   error: BaseException) -> None:
+    """Every reason: the job's run (keyed by the job id), if it exists and is still running."""
+    await fail_job_run(ctx, reason, error)
+
+
+async def _resume_run_failed(ctx: JobContext, payload: dict[str, Any], reason: str, error: BaseException) -> None:
+    """Every reason: ``payload["run_id"]``, if it is still running under this job (a resume that failed
+    before taking the run over, e.g. ``RunNotWaiting``, leaves it to the job that has it)."""
+    try:
+        run_id = str(runs.parse_run_id(payload.get("run_id")))
+    except InvalidRunId:
+        return
+    await fail_job_run(ctx, reason, error, run_id=run_id)
+
+
 # -- tasks ----------------------------------------------------------------------------------------------
 
 
-@task(retry_on=(DatabaseUnavailable,))
+@task(retry_on=(DatabaseUnavailable,), on_final_failure=_execute_workflow_failed)
 async def execute_workflow(ctx: JobContext, tenant_id: str, workflow_id: str, trigger: str = "manual",
                            input_data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the latest version of ``workflow_id`` on ``input_data``; return the run's summary."""
@@ -97,9 +159,10 @@ async def execute_workflow(ctx: JobContext, tenant_id: str, workflow_id: str, tr
             if stored is None:
                 raise WorkflowNotFound(f"workflow {workflow_id!r} is not defined for tenant {tenant_id!r}")
             run, created = await runs.create_run(tx, workflow_id=workflow_id, workflow_version=stored.version,
-                                                 idempotency_key=ctx.job_id, trigger=trigger, input_data=input_data)
+                                                 idempotency_key=ctx.job_id, trigger=trigger, input_data=input_data,
+                                                 job_id=ctx.job_id)
         elif run.status == RunStatus.RUNNING:
-            await runs.count_attempt(tx, run.run_id)
+            await runs.count_attempt(tx, run.run_id, job_id=ctx.job_id)
         waiting = [a.step_id for a in await approvals.pending_approvals(tx, run.run_id)]
         stored = await definitions.get_definition(tx, run.workflow_id, run.workflow_version)
     if not created and run.status != RunStatus.RUNNING:
@@ -107,13 +170,13 @@ async def execute_workflow(ctx: JobContext, tenant_id: str, workflow_id: str, tr
         return _summary(run, run.status, run.output, run.error, waiting)
     ctx.log.info("workflow run", run_id=run.run_id, workflow_id=run.workflow_id, new=created)
     if created:
-        await emit("workflow_run_started", _event(run, "running", {"trigger": trigger}))
+        await emit("workflow_run_started", run_event(run, "running", {"trigger": trigger}))
     assert stored is not None
     outcome = await _advance(ctx, database, run, stored.definition, resume=None)
     return await _record(ctx, database, run, outcome)
 
 
-@task(retry_on=(DatabaseUnavailable,))
+@task(retry_on=(DatabaseUnavailable,), on_final_failure=_resume_run_failed)
 async def resume_run(ctx: JobContext, tenant_id: str, run_id: str, decision: Any,
                      step_id: str | None = None) -> dict[str, Any]:
     """Answer the approval a run waits for (``step_id`` when it waits for several) and continue it.
@@ -137,7 +200,7 @@ async def resume_run(ctx: JobContext, tenant_id: str, run_id: str, decision: Any
         # A decision recorded by an earlier try of this job (or another resume) wins over this one.
         answer = record.decision
         await runs.set_run_status(tx, run.run_id, RunStatus.RUNNING)
-        await runs.count_attempt(tx, run.run_id)
+        await runs.count_attempt(tx, run.run_id, job_id=ctx.job_id)
         stored = await definitions.get_definition(tx, run.workflow_id, run.workflow_version)
     assert stored is not None
     ctx.log.info("resuming run", run_id=run.run_id, step_id=target, approved=answer["approved"])
@@ -220,9 +283,9 @@ async def _record(ctx: JobContext, database: Database, run: RunRecord, outcome: 
         await runs.set_run_status(tx, run.run_id, outcome.status, output=outcome.output, error=outcome.error)
     emit = ctx.emit_best_effort
     if outcome.status in (RunStatus.COMPLETED, RunStatus.REJECTED):
-        await emit("workflow_run_completed", _event(run, outcome.status.value, outcome.output))
+        await emit("workflow_run_completed", run_event(run, outcome.status.value, outcome.output))
     elif outcome.status == RunStatus.FAILED:
-        await emit("workflow_run_failed", _event(run, "failed", None, {"error": outcome.error}))
+        await emit("workflow_run_failed", run_event(run, "failed", None, {"error": outcome.error}))
         error = outcome.error or {}
         raise WorkflowRunFailed(f"run {run.run_id} of workflow {run.workflow_id!r} failed"
                                 + (f" at step {error['step_id']!r}" if error.get("step_id") else "")
@@ -230,7 +293,8 @@ async def _record(ctx: JobContext, database: Database, run: RunRecord, outcome: 
     return _summary(run, outcome.status, outcome.output, outcome.error, outcome.waiting_for)
 
 
-def _event(run: RunRecord, status: str, output: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_event(run: RunRecord, status: str, output: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``data`` of a ``workflow_run_*`` event: the seed's shape, ``step_id`` null."""
     return {"workflow_id": run.workflow_id, "run_id": run.run_id, "step_id": None, "status": status,
             "output": output, **(extra or {})}
 
