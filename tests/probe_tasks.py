@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import time
+import uuid
+from typing import Any
 
 from agentworker.tasks import JobContext, task
 
@@ -68,3 +72,41 @@ async def probe_flaky(ctx: JobContext, tenant_id: str, failures: int) -> int:
     if ctx.job_try <= failures:
         raise ConnectionError(f"transient failure on try {ctx.job_try}")
     return ctx.job_try
+
+
+@task()
+async def probe_lifespan(ctx: JobContext, tenant_id: str, durations: list[float]) -> int:
+    """Record each run of a job in the list ``probe:life:{job id}`` and sleep ``durations[run]`` seconds
+    (the last one for later runs); return the pid that finished it.
+
+    A run appends a ``start`` entry (its pid and wall-clock time) and, unless its process dies, an ``end``
+    entry with ``how``: ``done`` or ``cancelled``; both carry the run's token."""
+    key = f"probe:life:{ctx.job_id}"
+    token = uuid.uuid4().hex
+    await ctx.redis.rpush(key, json.dumps(
+        {"run": token, "event": "start", "pid": os.getpid(), "t": time.time(), "try": ctx.job_try}))
+    entries = [json.loads(raw) for raw in await ctx.redis.lrange(key, 0, -1)]
+    runs_before = sum(1 for e in entries if e["event"] == "start" and e["run"] != token)
+    how = "cancelled"
+    try:
+        await asyncio.sleep(durations[min(runs_before, len(durations) - 1)])
+        how = "done"
+    finally:
+        await ctx.redis.rpush(key, json.dumps({"run": token, "event": "end", "how": how, "t": time.time()}))
+    return os.getpid()
+
+
+async def _suicide_failed(ctx: JobContext, payload: dict[str, Any], reason: str, error: BaseException) -> None:
+    await ctx.redis.hset("probe:final_failures", ctx.job_id, json.dumps(
+        {"reason": reason, "error": type(error).__name__, "pid": os.getpid()}))
+
+
+@task(on_final_failure=_suicide_failed)
+async def probe_suicide(ctx: JobContext, tenant_id: str, deaths: int = -1) -> int:
+    """SIGKILL this worker process on the first ``deaths`` runs of the job (on every run if negative), as a
+    segfault or the OOM killer would; count the runs in ``probe:suicides``. Its final-failure hook records
+    its call in ``probe:final_failures``."""
+    n = int(await ctx.redis.hincrby("probe:suicides", ctx.job_id, 1))
+    if deaths < 0 or n <= deaths:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return n

@@ -51,6 +51,7 @@ async def test_the_agent_looks_up_the_contact_and_sends_one_email_even_when_kill
         resume = await client.enqueue("resume_agent", tenant_id=tenant,
                                       payload={"run_id": "meeting-1", "decision": "approve"})
         await wait_for(lambda: len(smtp.messages()) == 1, 60, what="the email to reach the SMTP server")
+        killed_at = time.time()
         first.signal(signal.SIGKILL)
         await first.wait_exit()
         second = spawn_worker(path, slot=1, **env)
