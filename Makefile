@@ -28,7 +28,7 @@ deploy-check: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[deploy]'
 	$(BIN)/python deploy/check.py
 
-# The benchmarks (bench/): agentworker against plain ARQ and SAQ on a private redis-server; ~6 minutes.
+# The benchmarks (bench/): agentworker against plain ARQ and SAQ on a private redis-server; ~7 minutes.
 # Prints a table and writes bench/results/*.json. `python -m bench --help` for subsets and --quick.
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

@@ -1,12 +1,12 @@
 """``python -m bench``: run the benchmarks, print the table, write the JSON.
 
-    python -m bench                       # everything (about six minutes on a 2-core machine)
+    python -m bench                       # everything (about seven minutes on a 2-core machine)
     python -m bench --quick               # tiny counts: proves the harness works, numbers mean little
     python -m bench --only throughput,latency --systems agentworker,saq
 
 Scenarios: ``throughput`` (a, and d: memory after it), ``latency`` (b), ``restart`` (c), ``metrics`` (e),
-``noisy`` (f). Systems: ``agentworker``, ``arq-default``, ``arq-tuned``, ``saq`` (needs ``pip install -e
-'.[bench]'``; skipped with a note when missing).
+``noisy`` (f), ``crash`` (crash-to-rerun after kill -9). Systems: ``agentworker``, ``arq-default``,
+``arq-tuned``, ``saq`` (needs ``pip install -e '.[bench]'``; skipped with a note when missing).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import process_scenarios, scenarios
+from bench import crash_scenario, process_scenarios, scenarios
 from bench.redis_server import PrivateRedis
 from bench.report import SYSTEMS, Metric, check_targets, table, targets_table, write_json
 from bench.scenarios import Bench, Options
@@ -36,6 +36,7 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "restart": process_scenarios.restart,
     "metrics": process_scenarios.metrics_after_restarts,
     "noisy": scenarios.noisy_neighbour,
+    "crash": crash_scenario.crash_to_rerun,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

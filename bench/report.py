@@ -99,6 +99,15 @@ def _fmt(value: float | None, note: str | None = None) -> str:
     return f"{text} ({note})" if note else text
 
 
+def _ratio(r: float | None) -> str:
+    """Two decimals; a ratio below 0.01 with two significant digits (0.0015, 0.000072), not 0.00."""
+    if r is None:
+        return "-"
+    if 0 < r < 0.01:
+        return f"{float(f'{r:.2g}'):.12f}".rstrip("0")
+    return f"{r:.2f}"
+
+
 def table(metrics: dict[str, Metric], systems: tuple[str, ...]) -> str:
     """Markdown table: one row per metric; values per system, then agentworker / each baseline."""
     baselines = [b for b in BASELINES if b in systems]
@@ -112,7 +121,7 @@ def table(metrics: dict[str, Metric], systems: tuple[str, ...]) -> str:
         row += [_fmt(metric.values.get(s), metric.notes.get(s)) for s in systems]
         for b in baselines:
             r = metric.ratio(b)
-            row.append("-" if r is None else f"{r:.2f}")
+            row.append(_ratio(r))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = []

@@ -64,6 +64,16 @@ class Options:
     def neighbour_jobs(self) -> int:
         return 5 if self.quick else 100
 
+    @property
+    def crash_samples(self) -> int:
+        """agentworker: kills in a row; ARQ: jobs running on the one worker killed."""
+        return 3 if self.quick else 40
+
+    @property
+    def crash_arq_job_timeout_s(self) -> float:
+        """ARQ's job_timeout in the crash scenario: its killed job's in-progress key lives this + 10 s."""
+        return 1.0 if self.quick else 5.0
+
     neighbour_interval_s: float = 0.1
     flood_job_s: float = 0.1
     flood_factor: float = 10.0

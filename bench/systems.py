@@ -1,8 +1,9 @@
 """The systems under test behind one small interface: agentworker (its supervisor and client), ARQ, SAQ.
 
 Each runs its workers in subprocesses on the bench's private Redis, with 10 jobs at once per process,
-and offers: enqueue a no-op or a sleep job, count unfinished jobs, read back when each job started and
-finished. A job's start time is the task's own return value (``time.time()`` at its first line).
+and offers: enqueue a no-op, a sleep or a rerun job (``bench/starts.py``; not SAQ), count unfinished jobs,
+read back when each job started and finished. A job's start time is the task's own return value
+(``time.time()`` at its first line).
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class AgentWorker(System):
 
     key = "agentworker"
     title = "agentworker"
-    tasks: ClassVar[dict[str, str]] = {"noop": "bench_noop", "sleep": "bench_sleep"}
+    tasks: ClassVar[dict[str, str]] = {"noop": "bench_noop", "sleep": "bench_sleep", "rerun": "bench_rerun"}
 
     def __init__(self, redis_url: str, workdir: Path, *, processes: int = 1, shards: int = 8,
                  env: dict[str, str] | None = None, title: str | None = None,
@@ -260,7 +261,7 @@ class AgentWorker(System):
         return time.perf_counter() - started, len(body)
 
     async def enqueue(self, kind: str, tenant: str, key: str, seconds: float = 0.0) -> str:
-        payload = {"seconds": seconds} if kind == "sleep" else {}
+        payload = {} if kind == "noop" else {"seconds": seconds}
         job = await self.client.enqueue(self.tasks[kind], tenant_id=tenant, payload=payload, idempotency_key=key)
         return job.job_id
 
@@ -292,18 +293,21 @@ class AgentWorker(System):
 
 
 class Arq(System):
-    """Plain ARQ 0.28 (``python -m arq``), defaults or tuned (see ``bench/arq_app.py``)."""
+    """Plain ARQ 0.28 (``python -m arq``), defaults or tuned (see ``bench/arq_app.py``); ``settings`` names
+    another settings class there (by its prefix, e.g. ``Crash``), ``env`` adds to the worker's environment."""
 
-    def __init__(self, redis_url: str, workdir: Path, *, tuned: bool) -> None:
+    def __init__(self, redis_url: str, workdir: Path, *, tuned: bool, settings: str = "",
+                 env: dict[str, str] | None = None) -> None:
         super().__init__(redis_url, workdir)
         self.tuned = tuned
         self.key = "arq-tuned" if tuned else "arq-default"
         self.title = "ARQ tuned" if tuned else "ARQ default"
+        self.settings = f"bench.arq_app.{settings}{'Tuned' if tuned else 'Default'}Settings"
+        self.extra_env = env or {}
         self._pool: Any = None
 
     def worker_argv(self) -> tuple[list[str], dict[str, str]]:
-        settings = "bench.arq_app.TunedSettings" if self.tuned else "bench.arq_app.DefaultSettings"
-        return [sys.executable, "-m", "arq", settings], _base_env(self.redis_url)
+        return [sys.executable, "-m", "arq", self.settings], _base_env(self.redis_url, **self.extra_env)
 
     async def pool(self) -> Any:
         if self._pool is None:
@@ -320,10 +324,10 @@ class Arq(System):
     async def enqueue(self, kind: str, tenant: str, key: str, seconds: float = 0.0) -> str:
         pool = await self.pool()
         ref = f"{tenant}:{key}"
-        if kind == "sleep":
-            await pool.enqueue_job("sleep", seconds, _job_id=ref)
-        else:
+        if kind == "noop":
             await pool.enqueue_job("noop", _job_id=ref)
+        else:  # "sleep", or "rerun" (bench/arq_app.py with its Crash settings)
+            await pool.enqueue_job(kind, seconds, _job_id=ref)
         return ref
 
     async def remaining(self) -> int:

@@ -34,7 +34,7 @@ def test_quick_bench_measures_every_scenario_and_writes_json(tmp_path: Path) -> 
     metrics = document["metrics"]
     assert document["environment"]["quick"] is True and document["environment"]["cpus"]
     for key in ("throughput_noop", "throughput_sleep", "latency_p50", "latency_p99", "memory_rss", "memory_uss",
-                "neighbour_alone_p99", "neighbour_p99"):
+                "neighbour_alone_p99", "neighbour_p99", "crash_rerun_p50", "crash_rerun_p99"):
         for system in systems:
             measured = metrics[key]["values"].get(system)
             assert measured is not None or system in metrics[key]["notes"], (key, system)
@@ -42,6 +42,7 @@ def test_quick_bench_measures_every_scenario_and_writes_json(tmp_path: Path) -> 
                 "neighbour_p99_capped", "memory_uss_afresh"):
         assert metrics[key]["values"]["agentworker"] > 0, key
     assert metrics["restart_zygote"]["values"]["arq-tuned"] > 0  # the baseline's cold start
+    assert metrics["crash_rerun_arq_defaults"]["values"]["arq-tuned"] > 0  # derived from ARQ's own rule
     checks = {(c["metric"], c["target"]) for c in document["targets"]}
     assert ("latency_p50", "<= 5 ms") in checks
     assert all(c["measured"] is not None for c in document["targets"])
