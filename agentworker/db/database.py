@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+from asyncpg.transaction import Transaction
 
 from agentworker.db.urls import redact_url
 from agentworker.routing import validate_tenant_id
@@ -28,13 +29,20 @@ TENANT_SETTING = "agentworker.tenant_id"
 #: The newest migration the code expects; older databases are refused with "run agentworker migrate".
 REQUIRED_MIGRATION = 4
 
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
+#: What asyncpg raises when the server or the connection went away: SQLSTATE class 08
+#: (``PostgresConnectionError``: ``ConnectionDoesNotExistError``, ``ConnectionFailureError``, ...), class 57
+#: (``AdminShutdownError`` 57P01, ``CrashShutdownError`` 57P02, ``CannotConnectNowError`` 57P03, ...) and
+#: class 53 (too many connections, out of memory or disk).
+_LOST_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
 )
+#: asyncpg's ``InterfaceError`` on a connection that is closed, or still busy with a query the server's
+#: going away interrupted ("cannot perform operation: another operation is in progress"), or a pooled one
+#: asyncpg gave back to its pool when it saw it close ("connection has been released back to the pool":
+#: our blocks never use a connection after giving it back, so only a lost connection gets there).
+_LOST_CONNECTION_MESSAGES = ("closed", "another operation is in progress", "released back to the pool")
 
 
 class DatabaseError(Exception):
@@ -49,11 +57,25 @@ class DatabaseNotMigrated(DatabaseError):
     """The schema is missing or older than this code; ``agentworker migrate`` fixes it."""
 
 
-def is_connection_error(exc: BaseException) -> bool:
-    """True for errors that mean the server or the connection went away (not a bad query)."""
-    if isinstance(exc, _CONNECTION_ERRORS):
+def is_lost_connection(exc: BaseException) -> bool:
+    """True for asyncpg's errors that mean the server or the connection went away (not a bad query).
+
+    This is the one list of them; everything in this module maps them to :class:`DatabaseUnavailable`.
+    It includes asyncpg's ``InternalClientError`` (but not its ``OutdatedSchemaCacheError``): after a
+    server restart its protocol state machine is left mid-query ("cannot switch to state 15; another
+    operation (2) is in progress") and the connection cannot be used again.
+    """
+    if isinstance(exc, _LOST_CONNECTION_ERRORS):
         return True
-    return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        return not isinstance(exc, asyncpg.exceptions.OutdatedSchemaCacheError)
+    return isinstance(exc, asyncpg.InterfaceError) and any(m in str(exc) for m in _LOST_CONNECTION_MESSAGES)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """:func:`is_lost_connection`, or a socket error or timeout (from connecting, or from a call that only
+    talks to PostgreSQL: elsewhere an ``OSError`` may be anyone's)."""
+    return is_lost_connection(exc) or isinstance(exc, (OSError, TimeoutError))
 
 
 class TenantTransaction:
@@ -102,31 +124,125 @@ class Database:
     @asynccontextmanager
     async def tenant(self, tenant_id: str) -> AsyncIterator[TenantTransaction]:
         """A transaction that sees and writes only ``tenant_id``'s rows; committed when the block ends
-        without an exception, rolled back otherwise. Lost connections raise :class:`DatabaseUnavailable`."""
+        without an exception, rolled back otherwise. PostgreSQL going away, wherever it happens (taking a
+        connection, in the block, at commit), raises :class:`DatabaseUnavailable`; the block's own other
+        errors pass unchanged."""
         validate_tenant_id(tenant_id)
-        in_body = False
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                # set_config(..., true) is SET LOCAL: gone at commit or rollback.
-                await conn.execute("SELECT set_config('role', $1, true), set_config($2, $3, true)",
-                                   APP_ROLE, TENANT_SETTING, tenant_id)
-                in_body = True
-                yield TenantTransaction(conn, tenant_id)
-                in_body = False
-        except Exception as exc:
-            # The block's own errors pass unchanged (its queries convert connection loss themselves).
-            if not in_body and not isinstance(exc, DatabaseError) and is_connection_error(exc):
-                raise DatabaseUnavailable(f"lost PostgreSQL at {self.url}: {exc}") from exc
-            raise
+        # set_config(..., true) is SET LOCAL: gone at commit or rollback.
+        async with self._transaction("SELECT set_config('role', $1, true), set_config($2, $3, true)",
+                                     APP_ROLE, TENANT_SETTING, tenant_id) as conn:
+            yield TenantTransaction(conn, tenant_id)
 
     async def fetch_without_tenant(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """One read-only query in a transaction with no tenant set, where row-level security hides every
         tenant row: only a SECURITY DEFINER index made for it (``agentworker.due_schedules``,
         ``agentworker.idle_running_runs``) answers."""
-        with _unavailable_on_connection_loss(self.url):
-            async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-                await conn.execute("SELECT set_config('role', $1, true)", APP_ROLE)
+        async with self._transaction("SELECT set_config('role', $1, true)", APP_ROLE, readonly=True) as conn:
+            with _unavailable_on_connection_loss(self.url):
                 return list(await conn.fetch(query, *args))
+
+    @asynccontextmanager
+    async def _transaction(self, setup: str, *args: Any, readonly: bool = False) -> AsyncIterator[PoolConnectionProxy]:
+        """A pooled connection in a transaction that ``setup`` began. A connection that may be broken is
+        terminated rather than returned to the pool (the server rolls back what it had open)."""
+        conn, transaction = await self._begin(setup, args, readonly=readonly)
+        try:
+            yield conn
+        except DatabaseUnavailable:
+            await self._discard(conn)  # its queries lost the connection: a ROLLBACK would only fail again
+            raise
+        except Exception as exc:
+            if is_lost_connection(exc):
+                await self._discard(conn)
+                raise DatabaseUnavailable(f"lost PostgreSQL at {self.url}: {exc}") from exc
+            # Whatever may stop the rollback (most likely the connection), the block's error is the one to report.
+            if await self._rolled_back(conn, transaction):
+                await self._give_back(conn)
+            raise
+        except BaseException:
+            await self._release_cancelled(conn, transaction)
+            raise
+        try:
+            await transaction.commit()
+        except Exception as exc:
+            if is_connection_error(exc):
+                await self._discard(conn)
+                raise DatabaseUnavailable(f"lost PostgreSQL at {self.url} while committing (the transaction may "
+                                          f"or may not have been committed): {exc}") from exc
+            await self._give_back(conn)  # e.g. a serialization failure: the transaction is over, the connection fine
+            raise
+        except BaseException:
+            await self._release_cancelled(conn, transaction)
+            raise
+        await self._give_back(conn)
+
+    async def _begin(self, setup: str, args: tuple[Any, ...], *,
+                     readonly: bool) -> tuple[PoolConnectionProxy, Transaction]:
+        # After a server restart the pool's idle connections are dead, and asyncpg may not know yet: a
+        # connection that fails before anything ran is discarded and a fresh one is tried, once.
+        for attempt in (1, 2):
+            try:
+                conn: PoolConnectionProxy = await self._pool.acquire()
+            except Exception as exc:
+                if is_connection_error(exc):
+                    raise DatabaseUnavailable(f"cannot reach PostgreSQL at {self.url}: "
+                                              f"{exc or type(exc).__name__}") from exc
+                raise
+            try:
+                transaction = conn.transaction(readonly=readonly)
+                await transaction.start()
+                await conn.execute(setup, *args)
+            except BaseException as exc:
+                await self._discard(conn)
+                if not isinstance(exc, Exception) or not is_connection_error(exc):
+                    raise
+                if attempt == 2:
+                    raise DatabaseUnavailable(f"lost PostgreSQL at {self.url}: {exc}") from exc
+                continue
+            return conn, transaction
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    async def _rolled_back(self, conn: PoolConnectionProxy, transaction: Transaction) -> bool:
+        """Roll back; False (and the connection discarded) if that failed."""
+        try:
+            await transaction.rollback()
+        except Exception:
+            await self._discard(conn)
+            return False
+        return True
+
+    async def _give_back(self, conn: PoolConnectionProxy) -> None:
+        """Return a connection whose transaction has ended. If the pool's reset finds it dead, asyncpg
+        closes it; the transaction was over by then, so that is no one's error."""
+        try:
+            await self._pool.release(conn)
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            await self._discard(conn)
+
+    async def _release_cancelled(self, conn: PoolConnectionProxy, transaction: Transaction) -> None:
+        """Give back the connection of a cancelled block; never raises (the cancellation is what the caller
+        must see). Cancelled between queries, it rolls back. Cancelled mid-query, asyncpg refuses the
+        ROLLBACK at once, and its pool's release waits for the server to cancel the query, then rolls back
+        (logging "Resetting connection with an active transaction") and resets; it terminates the connection
+        if any of that fails. Terminating at once instead would leave the server running the query, and
+        holding its locks, until it next looks at the socket."""
+        try:
+            with suppress(Exception):
+                await transaction.rollback()
+        finally:  # even if cancelled once more meanwhile (the release itself is shielded)
+            try:
+                await self._pool.release(conn)
+            except Exception:
+                await self._discard(conn)
+
+    async def _discard(self, conn: PoolConnectionProxy) -> None:
+        """Terminate a connection that may be broken; its pool slot reconnects on the next acquire."""
+        with suppress(asyncpg.InterfaceError):  # asyncpg already released a connection it saw close
+            conn.terminate()
+        with suppress(Exception):  # a no-op once terminated; only there for a holder asyncpg missed
+            await self._pool.release(conn)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -174,8 +290,10 @@ async def open_database(url: str, *, max_size: int = 10, connect_timeout: float 
             version = await conn.fetchval(f"SELECT max(version) FROM {SCHEMA}.schema_migrations")
     except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError, asyncpg.InsufficientPrivilegeError):
         version = None
-    except Exception:
-        await pool.close()
+    except Exception as exc:
+        pool.terminate()
+        if is_connection_error(exc):
+            raise DatabaseUnavailable(f"lost PostgreSQL at {shown}: {exc or type(exc).__name__}") from exc
         raise
     if version is None or version < REQUIRED_MIGRATION:
         await pool.close()

@@ -65,6 +65,18 @@ async def _setup_checkpoint_tables(url: str) -> None:
                 await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {SCHEMA}.{table} TO {APP_ROLE}")
 
 
+def is_lost_connection(exc: BaseException, conn: psycopg.AsyncConnection[Any] | None = None) -> bool:
+    """True for psycopg's errors that mean the server or ``conn`` went away (the pool could not hand out a
+    connection in time, an ``OperationalError`` such as "server closed the connection unexpectedly" or
+    57P01 "terminating connection due to administrator command", or an ``InterfaceError`` on a connection
+    that is closed or broken)."""
+    if isinstance(exc, (PoolTimeout, psycopg.OperationalError)):
+        return True
+    if isinstance(exc, psycopg.InterfaceError):
+        return (conn is not None and (conn.closed or conn.broken)) or "closed" in str(exc)
+    return False
+
+
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute(f"SET ROLE {APP_ROLE}")
     cursor = await conn.execute("SELECT rolsuper OR rolbypassrls AS bypasses FROM pg_roles "
@@ -88,14 +100,20 @@ class CheckpointStore:
 
     @asynccontextmanager
     async def saver(self, tenant_id: str, thread: str) -> AsyncIterator[AsyncPostgresSaver]:
-        """A checkpointer that sees only ``tenant_id``'s threads, holding ``thread`` for this caller."""
+        """A checkpointer that sees only ``tenant_id``'s threads, holding ``thread`` for this caller.
+
+        PostgreSQL going away (taking the connection, or under LangGraph's queries) raises
+        :class:`DatabaseUnavailable`. The pool discards a connection it gets back broken."""
+        conn: psycopg.AsyncConnection[Any] | None = None
         try:
             async with self._pool.connection() as conn:
                 await conn.execute("SELECT set_config(%s, %s, false)", (TENANT_SETTING, tenant_id))
                 await conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (thread,))
                 yield AsyncPostgresSaver(conn)
-        except (PoolTimeout, psycopg.OperationalError) as exc:
-            raise DatabaseUnavailable(f"lost PostgreSQL at {self.url} (checkpoints): {exc}") from exc
+        except Exception as exc:
+            if is_lost_connection(exc, conn):
+                raise DatabaseUnavailable(f"lost PostgreSQL at {self.url} (checkpoints): {exc}") from exc
+            raise
 
     async def aclose(self) -> None:
         await self._pool.close()
@@ -105,7 +123,9 @@ async def open_checkpoint_store(url: str, *, max_size: int = 10, connect_timeout
     """Open the pool (one connection at once, to fail fast); :class:`DatabaseUnavailable` if unreachable."""
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         url, min_size=1, max_size=max(1, max_size), kwargs=dict(_CONNECTION_KWARGS), configure=_configure,
-        reset=_reset, open=False, timeout=30.0, name="agentworker-checkpoints")
+        # check: a connection that died while idle (a server restart) is replaced before it is lent out.
+        check=AsyncConnectionPool.check_connection, reset=_reset, open=False, timeout=30.0,
+        name="agentworker-checkpoints")
     try:
         await pool.open(wait=True, timeout=connect_timeout)
     except PoolTimeout as exc:
