@@ -48,10 +48,14 @@ def _config(args: argparse.Namespace) -> QuotaConfig:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    path = resolve_config_path(_settings(args).config)
+    settings = _settings(args)
+    path = resolve_config_path(settings.config)
     try:
-        config = load_config(path)
+        config = load_config(path, limits=settings.limits)
     except ConfigError as exc:
+        if len(exc.errors) == 1:  # unreadable, too big, not UTF-8, not YAML, too deep...: one line
+            print(f"{exc.source}: {exc.errors[0]}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"{exc.source}: {len(exc.errors)} error(s)", file=sys.stderr)
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -151,7 +152,7 @@ class JobHandle:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.exists(jobs.result_key(self.job_id))
             pipe.exists(jobs.in_progress_key(self.job_id))
-            pipe.zscore(self.route.queue, self.job_id)
+            pipe.zscore(keys.tenant_queue(self.route.pool, self.route.shard, self.route.tenant_id), self.job_id)
             has_result, in_progress, score = await pipe.execute()
         if has_result:
             return JobStatus.COMPLETE
@@ -194,13 +195,16 @@ class AgentWorkerClient:
         ``config_path``: the quota file ``config`` was read from. The client then re-reads it when its
         content changes (checked at most every :attr:`config_check_interval` seconds, on use), so a
         long-lived client follows quota edits (routing, ``max_pending``, ``rate_limit``) the way the
-        workers do; a new file that does not validate is ignored and the running config stays."""
+        workers do, reading it exactly as they do and off the event loop (in a thread); a new file that
+        is refused for any reason is ignored, with one log line, and the running config stays."""
         self.redis = redis
         self.config = config
         self.settings = settings or Settings()
         self.config_check_interval = 2.0
-        self._config_watch = QuotaFileWatch(Path(config_path)) if config_path is not None else None
+        self._config_watch = (QuotaFileWatch(Path(config_path), limits=self.settings.limits)
+                              if config_path is not None else None)
         self._config_checked_at = time.monotonic()
+        self._config_following: set[asyncio.Future[bool]] = set()
         if self._config_watch is not None:
             with contextlib.suppress(ConfigError):
                 self._config_watch.seen_hash = self._config_watch.read()[1]
@@ -216,7 +220,8 @@ class AgentWorkerClient:
         if config is not None:
             return cls(Redis.from_url(settings.redis_url), config, settings)
         path = resolve_config_path(settings.config)
-        return cls(Redis.from_url(settings.redis_url), load_config(path), settings, config_path=path)
+        return cls(Redis.from_url(settings.redis_url), load_config(path, limits=settings.limits), settings,
+                   config_path=path)
 
     async def __aenter__(self) -> Self:
         return self
@@ -226,31 +231,59 @@ class AgentWorkerClient:
         await self.close()
 
     async def close(self) -> None:
+        for following in list(self._config_following):  # a background check of the quota file
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await following
         await self.redis.aclose()
         if self._owns_database and self._database is not None:
             await self._database.close()
             self._database = None
 
     def refresh_config(self, *, force: bool = False) -> bool:
-        """Re-read the quota file if its content changed; True if a new config was taken."""
+        """Re-read the quota file if its content changed, in the calling thread; True if a new config
+        was taken. Async code awaits :meth:`follow_config` instead, which reads it in a thread."""
         watch = self._config_watch
+        if watch is None or not self._config_check_due(force):
+            return False
+        return self._take_config(watch, _poll_config(watch))
+
+    async def follow_config(self, *, force: bool = False) -> bool:
+        """:meth:`refresh_config` off the event loop (what :meth:`enqueue` does before routing)."""
+        watch = self._config_watch
+        if watch is None or not self._config_check_due(force):
+            return False
+        return self._take_config(watch, await asyncio.to_thread(_poll_config, watch))
+
+    def _config_check_due(self, force: bool) -> bool:
         now = time.monotonic()
-        if watch is None or (not force and now - self._config_checked_at < self.config_check_interval):
+        if not force and now - self._config_checked_at < self.config_check_interval:
             return False
         self._config_checked_at = now
-        if not watch.changed():
+        return True
+
+    def _take_config(self, watch: QuotaFileWatch, loaded: QuotaConfig | ConfigError | None) -> bool:
+        if loaded is None:
             return False
-        try:
-            self.config = watch.load()
-        except ConfigError as exc:
-            log.warning("quota file changed but does not validate; keeping the running config",
-                        errors=exc.errors)
+        if isinstance(loaded, ConfigError):
+            log.warning("quota file changed but is refused; keeping the running config", errors=loaded.errors)
             return False
+        self.config = loaded
         log.info("quota file reloaded by the client", path=str(watch.path))
         return True
 
     def route(self, tenant_id: str) -> Route:
-        self.refresh_config()
+        """The tenant's route under the current config. Inside an event loop a due check of the quota
+        file runs in the background (what it finds applies from the next call on); outside one, here."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self.refresh_config()
+        else:
+            if self._config_watch is not None and not self._config_following:
+                following = asyncio.ensure_future(self.follow_config())
+                self._config_following.add(following)
+                following.add_done_callback(self._config_following.discard)
         return route_tenant(self.config, tenant_id)
 
     def job(self, job_id: str) -> JobHandle:
@@ -276,7 +309,11 @@ class AgentWorkerClient:
         :class:`~agentworker.routing.InvalidTenantId` or :class:`~agentworker.jobs.InvalidJob` for bad input.
         """
         job_id = jobs.make_job_id(tenant_id, task, idempotency_key)
-        route = self.route(tenant_id)
+        if payload is not None and not isinstance(payload, dict):
+            raise jobs.InvalidJob(f"payload must be a dict of the task's keyword arguments (a JSON object), "
+                                  f"not {type(payload).__name__}")
+        await self.follow_config()
+        route = route_tenant(self.config, tenant_id)
         body = dict(payload or {})
         body.setdefault("tenant_id", tenant_id)
         jobs.check_payload(body, tenant_id, self.settings.max_payload_bytes)
@@ -285,7 +322,7 @@ class AgentWorkerClient:
         score_ms = now_ms + _defer_ms(defer, now_ms)
         limits = self.config.limits_of(tenant_id)
         admitted = await self._enqueuer.enqueue(
-            job_id=str(job_id), tenant_id=tenant_id, pool=route.pool, queue=route.queue,
+            job_id=str(job_id), tenant_id=tenant_id, pool=route.pool, shard=route.shard,
             job_bytes=jobs.encode_job(task, body, now_ms), score_ms=score_ms,
             expires_ms=score_ms - now_ms + JOB_EXPIRY_MS,
             max_pending=limits.max_pending, rate=limits.rate,
@@ -461,12 +498,27 @@ class ScheduleNotFound(LookupError):
     """The tenant has no schedule of that id."""
 
 
+def _poll_config(watch: QuotaFileWatch) -> QuotaConfig | ConfigError | None:
+    """The quota file if it changed (None if not), or why it is refused: never raises."""
+    try:
+        return watch.poll()
+    except ConfigError as exc:
+        return exc
+    except Exception as exc:  # a long-lived client keeps its config whatever the file holds
+        return ConfigError(str(watch.path), [f"cannot load the file: {type(exc).__name__}: {exc}"])
+
+
 def _defer_ms(defer: float | timedelta | datetime | None, now_ms: int) -> int:
     if defer is None:
         return 0
     if isinstance(defer, datetime):
         return max(0, int(defer.timestamp() * 1000) - now_ms)
+    if isinstance(defer, bool) or not isinstance(defer, (int, float, timedelta)):
+        raise jobs.InvalidJob(f"defer must be seconds (a number), a timedelta or a datetime, "
+                              f"not {type(defer).__name__}")
     seconds = defer.total_seconds() if isinstance(defer, timedelta) else float(defer)
+    if not math.isfinite(seconds):
+        raise jobs.InvalidJob(f"defer must be a finite number of seconds (got {seconds})")
     if seconds < 0:
         raise jobs.InvalidJob(f"defer must not be negative (got {seconds:g}s)")
     return int(seconds * 1000)

@@ -14,6 +14,11 @@ file are reported together so an operator fixes them in one pass.
 
 ``tenant_defaults`` (optional) holds the limits of tenants the file does not name, so a pool shared by
 thousands of small tenants still keeps each of them within bounds.
+
+Every process reads the file the same way (:meth:`QuotaFileWatch.load`, which :func:`load_config` uses):
+at most ``AGENTWORKER_MAX_CONFIG_BYTES``, strict UTF-8, through the safe YAML loader
+(:mod:`agentworker.safe_yaml`), then validated here. So the supervisor, its workers, the client and
+``check-config`` accept or refuse the very same files, and a refusal is always a :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agentworker.safe_yaml import DocumentRefused, decode_utf8, load_yaml, one_line
+from agentworker.settings import InputLimits
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -105,6 +113,9 @@ class TenantLimits(_Strict):
     max_pending: Annotated[int, Field(ge=0)] | None = None
     job_timeout: Annotated[float, Field(gt=0)] | None = None
     rate_limit: str | None = None
+    #: fair-share weight inside the tenant's shard: a tenant of weight 2 gets twice the job starts of a
+    #: tenant of weight 1 when both have more work than the pool can run (default 1)
+    weight: Annotated[float, Field(gt=0, le=1000)] | None = None
 
     @field_validator("rate_limit")
     @classmethod
@@ -252,12 +263,20 @@ def parse_config(data: Any, *, source: str = "<quota file>") -> QuotaConfig:
     return config
 
 
-def load_config_text(text: str, *, source: str = "<quota file>") -> QuotaConfig:
+def load_config_text(text: str | bytes, *, source: str = "<quota file>",
+                     limits: InputLimits | None = None) -> QuotaConfig:
+    """Parse (safe YAML loader, within ``limits``; default: ``AGENTWORKER_MAX_*``) and validate."""
+    limits = limits or InputLimits.from_env()
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, what="the file", limits=limits, size_limit="max_config_bytes")
+    except DocumentRefused as exc:
+        raise ConfigError(source, [str(exc)]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(source, [f"not valid YAML: {exc}".replace("\n", " ")]) from None
-    return parse_config(data, source=source)
+        raise ConfigError(source, [f"not valid YAML: {one_line(exc)}"]) from None
+    try:
+        return parse_config(data, source=source)
+    except RecursionError:  # parse_config is handed a depth-limited document; this is a last resort
+        raise ConfigError(source, ["nested too deeply to validate"]) from None
 
 
 def default_config_path() -> Path:
@@ -275,14 +294,10 @@ def resolve_config_path(path: str | os.PathLike[str] | None = None) -> Path:
     return default_config_path()
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> QuotaConfig:
-    """Read and validate the quota file (see :func:`resolve_config_path` for which one)."""
-    resolved = resolve_config_path(path)
-    try:
-        text = resolved.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(resolved), [f"cannot read the file: {exc.strerror or exc}"]) from None
-    return load_config_text(text, source=str(resolved))
+def load_config(path: str | os.PathLike[str] | None = None, *, limits: InputLimits | None = None) -> QuotaConfig:
+    """Read and validate the quota file (see :func:`resolve_config_path` for which one), exactly as the
+    supervisor's reload does. ``limits``: default ``AGENTWORKER_MAX_*`` from the environment."""
+    return QuotaFileWatch(resolve_config_path(path), limits=limits).load()
 
 
 class QuotaFileWatch:
@@ -290,32 +305,72 @@ class QuotaFileWatch:
 
     A Kubernetes ConfigMap mounted as a volume is updated by swapping a symlink (``..data``), so neither
     the mtime of the path nor inotify on it is reliable: the watch compares a hash of the content. Used by
-    the supervisor (reload) and the client (live admission limits and routing).
+    the supervisor (reload), the client (live admission limits and routing), the workers and the CLI
+    (through :func:`load_config`): one way to read the file.
+
+    Reading and validating a large file takes seconds: processes with an event loop call :meth:`load`
+    and :meth:`poll` in a thread (``asyncio.to_thread``), never on the loop.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, limits: InputLimits | None = None) -> None:
+        """``limits``: default ``AGENTWORKER_MAX_*`` from the environment, read at each load (the
+        supervisor and its workers share the environment, so they apply the same limits)."""
         self.path = path
+        self.limits = limits
         self.seen_hash: str | None = None
 
-    def read(self) -> tuple[str, str]:
-        """``(text, content hash)``; raises :class:`ConfigError` if the file cannot be read."""
+    def read(self) -> tuple[bytes | int, str]:
+        """``(content, content hash)``; when the file is over ``max_config_bytes`` it is not read: the
+        content is its size and the hash is of its size and modification time. Raises
+        :class:`ConfigError` if the file cannot be read."""
+        limit = (self.limits or InputLimits.from_env()).max_config_bytes
         try:
-            data = self.path.read_bytes()
+            with self.path.open("rb") as file:
+                stat = os.fstat(file.fileno())
+                data = file.read(limit + 1) if stat.st_size <= limit else b""
         except OSError as exc:
             raise ConfigError(str(self.path), [f"cannot read the file: {exc.strerror or exc}"]) from None
-        return data.decode("utf-8", errors="replace"), hashlib.sha256(data).hexdigest()
+        if stat.st_size > limit or len(data) > limit:
+            size = max(stat.st_size, len(data))
+            return size, f"over {limit} bytes: {size} {stat.st_mtime_ns} {stat.st_ino}"
+        return data, hashlib.sha256(data).hexdigest()
 
     def changed(self) -> bool:
         """True once per new content (a file that cannot be read is no change: a ConfigMap swap can
         briefly leave no file behind the path)."""
         try:
-            _text, digest = self.read()
+            _data, digest = self.read()
         except ConfigError:
             return False
         return digest != self.seen_hash
 
     def load(self) -> QuotaConfig:
-        """Read and validate; the content counts as seen either way, so a bad file is reported once."""
-        text, digest = self.read()
+        """Read and validate; the content counts as seen either way, so a bad file is reported once.
+        Any problem (unreadable, too big, not UTF-8, not YAML, too deep, too many aliases, invalid) is
+        a :class:`ConfigError`."""
+        data, digest = self.read()
         self.seen_hash = digest
-        return load_config_text(text, source=str(self.path))
+        return self._validate(data)
+
+    def poll(self) -> QuotaConfig | None:
+        """:meth:`load` if the content changed since the last read, else None (one read either way; a
+        file that cannot be read is no change)."""
+        try:
+            data, digest = self.read()
+        except ConfigError:
+            return None
+        if digest == self.seen_hash:
+            return None
+        self.seen_hash = digest
+        return self._validate(data)
+
+    def _validate(self, data: bytes | int) -> QuotaConfig:
+        limits = self.limits or InputLimits.from_env()
+        source = str(self.path)
+        if isinstance(data, int):
+            raise ConfigError(source, [limits.refusal("max_config_bytes", f"the file is {data} bytes")])
+        try:
+            text = decode_utf8(data, "the file")
+        except DocumentRefused as exc:
+            raise ConfigError(source, [str(exc)]) from None
+        return load_config_text(text, source=source, limits=limits)

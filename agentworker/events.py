@@ -8,6 +8,11 @@ trip. Subscribers get it live; a backend that was down reads the stream from its
 Job lifecycle events emitted by the envelope (``data`` always has ``job_id``, ``task``, ``try``):
 ``job_started``, ``job_completed`` (+ ``result``), ``job_failed`` (+ ``error``, ``reason``),
 ``job_timed_out`` (+ ``timeout``), ``job_rejected`` (+ ``reason``), ``job_retrying`` (+ ``defer``).
+
+An event whose JSON is over ``AGENTWORKER_MAX_EVENT_BYTES`` is still published, truncated like a job's
+result preview: its ``data`` keeps its short scalar fields (``job_id``, ``run_id``, ``step_id``...) and
+gets ``"preview"`` (the start of the data's JSON, ending in ``…``), ``"bytes"`` (the data's full JSON
+size) and ``"truncated": true``. The full value stays where it is stored (the job result, the step row).
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ from typing import Any
 from redis.asyncio import Redis
 
 from agentworker import keys
+from agentworker.settings import InputLimits
+
+#: characters of an oversized event's data kept as its preview (fewer if the limit is small)
+PREVIEW_CHARS = 2000
+#: scalar fields of an oversized event's data kept as they are: at most this many, each this short
+_KEPT_FIELDS, _KEPT_CHARS = 20, 200
 
 
 def utc_timestamp() -> str:
@@ -56,22 +67,34 @@ class EventPublisher:
     #: events written in one pipeline at most
     MAX_BATCH = 256
 
-    def __init__(self, redis: Redis, *, stream_maxlen: int = 10_000) -> None:
+    def __init__(self, redis: Redis, *, stream_maxlen: int = 10_000, max_event_bytes: int | None = None) -> None:
+        """``max_event_bytes``: default ``AGENTWORKER_MAX_EVENT_BYTES``; a bigger event is truncated."""
         self.redis = redis
         self.stream_maxlen = stream_maxlen
+        self.max_event_bytes = max_event_bytes or InputLimits.from_env().max_event_bytes
         self._pending: list[tuple[str, str, asyncio.Future[None]]] = []  # (tenant, JSON body, written)
         self._writer: asyncio.Task[None] | None = None
 
     async def publish(self, tenant_id: str, event: str, data: dict[str, Any]) -> dict[str, Any]:
+        record, written = self.publish_nowait(tenant_id, event, data)
+        await written
+        return record
+
+    def publish_nowait(self, tenant_id: str, event: str,
+                       data: dict[str, Any]) -> tuple[dict[str, Any], asyncio.Future[None]]:
+        """Queue an event in order and return at once, with a future that is done once it is in Redis (or
+        holds the Redis error): for a caller that must not wait for the round trip (the job envelope's
+        ``job_started``). Events queued after it are still written after it."""
         record = make_event(event, tenant_id, data)
         body = json.dumps(record, separators=(",", ":"), default=str)
+        if len(body) > self.max_event_bytes:  # ASCII JSON: characters are bytes
+            record, body = truncate_event(record, self.max_event_bytes)
         loop = asyncio.get_running_loop()
         written: asyncio.Future[None] = loop.create_future()
         self._pending.append((tenant_id, body, written))
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._write_pending(), name="event-writer")
-        await written
-        return record
+        return record, written
 
     async def _write_pending(self) -> None:
         batch: list[tuple[str, str, asyncio.Future[None]]] = []
@@ -106,6 +129,26 @@ class EventPublisher:
                     written.set_exception(ConnectionError("the event writer was cancelled"))
             self._pending = []
             raise
+
+
+def truncate_event(record: dict[str, Any], max_bytes: int) -> tuple[dict[str, Any], str]:
+    """``record`` with its ``data`` cut down to fit in ``max_bytes`` of JSON (see the module docstring),
+    and that JSON."""
+    data = record.get("data") or {}
+    text = json.dumps(data, separators=(",", ":"), default=str)
+    kept = dict(list({k: v for k, v in data.items()
+                      if isinstance(v, str | int | float | bool | None) and len(str(v)) <= _KEPT_CHARS}.items()
+                     )[:_KEPT_FIELDS])
+    chars = min(PREVIEW_CHARS, max_bytes // 4)
+    while True:
+        short = {**kept, "preview": text[:chars] + "…", "bytes": len(text), "truncated": True}
+        body = json.dumps({**record, "data": short}, separators=(",", ":"), default=str)
+        if len(body) <= max_bytes or (chars == 0 and not kept):
+            return {**record, "data": short}, body
+        if chars:
+            chars //= 2
+        else:
+            kept = {}
 
 
 def _decode(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:

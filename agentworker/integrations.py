@@ -6,7 +6,9 @@ PostgreSQL (``agentworker.tenant_integrations``, under row-level security) and r
 agents of that tenant's jobs only. Secrets are :class:`pydantic.SecretStr` (their ``repr`` is masked),
 sit in the stored JSON under keys the log filter masks (``password``, ``token``, ``api_key``,
 ``headers``), and are never put in an error message: :func:`parse_integration` reports the path and the
-problem of a bad value, not the value.
+problem of a bad value, not the value. Settings may be given as YAML or JSON text, read with the safe
+loader; text or dict, they are held to the input limits (``AGENTWORKER_MAX_DEFINITION_BYTES``,
+``AGENTWORKER_MAX_YAML_DEPTH``, ``AGENTWORKER_MAX_YAML_ALIASES``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from agentworker.safe_yaml import DocumentRefused, check_value, load_yaml
+from agentworker.settings import InputLimits
 
 #: LLM calls and tool calls never wait longer than this (the seed's rule for LLM calls)
 MAX_TIMEOUT_SECONDS = 60.0
@@ -154,11 +160,24 @@ def check_kind_and_name(kind: str, name: str) -> None:
         raise IntegrationError(f"a tenant has one {kind} integration: its name is {DEFAULT_NAME!r}, not {name!r}")
 
 
-def parse_integration(kind: str, config: Any, name: str = DEFAULT_NAME) -> _Settings:
-    """Validate ``config`` for ``kind``; :class:`IntegrationError` names each bad key, never its value."""
+def parse_integration(kind: str, config: Any, name: str = DEFAULT_NAME, *,
+                      limits: InputLimits | None = None) -> _Settings:
+    """Validate ``config`` (a dict, or YAML or JSON text) for ``kind``; :class:`IntegrationError` names
+    each bad key, never its value. ``limits``: default ``AGENTWORKER_MAX_*`` from the environment."""
     check_kind_and_name(kind, name)
+    limits = limits or InputLimits.from_env()
     if isinstance(config, _Settings):
         config = config.stored()
+    try:
+        if isinstance(config, str | bytes):
+            config = load_yaml(config, what=f"the {kind} integration", limits=limits, size_limit="max_definition_bytes")
+        check_value(config, what=f"the {kind} integration", limits=limits, size_limit="max_definition_bytes")
+    except DocumentRefused as exc:
+        raise IntegrationError(f"invalid {kind} settings: {exc}") from None
+    except yaml.YAMLError as exc:  # its message quotes the text, which may hold a secret: only where
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise IntegrationError(f"invalid {kind} settings: not valid YAML or JSON{where}") from None
     if not isinstance(config, dict):
         raise IntegrationError(f"{kind} settings must be an object, got {type(config).__name__}")
     try:

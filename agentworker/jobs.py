@@ -30,6 +30,14 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
 
 #: Name under which the worker runs jobs it must refuse (see :class:`WorkerJobDecoder`).
 REJECT_TASK = "_agentworker_reject"
+#: Payload keys no job may carry: the envelope's own parameter names (ARQ's context reaches the job
+#: function as ``arq_ctx``, the task's as ``ctx``), and every name starting with ``_``, kept for the
+#: envelope. A payload with one is refused before any task runs (:func:`reserved_payload_key`).
+RESERVED_PAYLOAD_KEYS = frozenset({"ctx", "arq_ctx"})
+#: How deeply objects and arrays may nest in a payload (the payload object itself is level 1). Deeper
+#: JSON is refused at enqueue and by the worker: parsing and re-encoding it recurses once per level, and
+#: ~1,000 levels exhaust Python's stack (a RecursionError, not a readable refusal).
+MAX_PAYLOAD_DEPTH = 64
 
 
 def job_key(job_id: str) -> str:
@@ -113,18 +121,72 @@ def encode_job(task: str, payload: dict[str, Any], enqueue_time_ms: int, job_try
     return dumps({"t": job_try, "f": task, "a": [], "k": payload, "et": enqueue_time_ms})
 
 
+def reserved_payload_key(payload: dict[str, Any]) -> str | None:
+    """The first key of ``payload`` that :data:`RESERVED_PAYLOAD_KEYS` or a leading ``_`` reserves."""
+    for key in payload:
+        if key in RESERVED_PAYLOAD_KEYS or (isinstance(key, str) and key.startswith("_")):
+            return str(key)
+    return None
+
+
+def _reserved_key_reason(key: str) -> str:
+    return (f"payload key {key!r} is reserved (ctx, arq_ctx and names starting with '_' belong to the job "
+            f"envelope); rename it")
+
+
+def _depth_reason(what: str) -> str:
+    return f"{what} nests objects or arrays deeper than the {MAX_PAYLOAD_DEPTH}-level limit"
+
+
+def nesting_depth(value: Any, stop_after: int = MAX_PAYLOAD_DEPTH) -> int:
+    """How deeply objects (dicts) and arrays (lists) nest in ``value``: 0 for a scalar, 1 for ``{}``.
+
+    Iterative, so it is safe on any depth; it stops counting past ``stop_after`` (returning
+    ``stop_after + 1``), which also ends it on a self-referencing structure.
+    """
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if level > stop_after:
+            return level
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def nests_too_deeply(value: Any, encoded: bytes) -> bool:
+    """Whether ``value`` (parsed from, or encoded as, the JSON ``encoded``) nests deeper than
+    :data:`MAX_PAYLOAD_DEPTH`."""
+    # Cheap upper bound first: fewer opening brackets than the limit, even counting those inside strings,
+    # cannot nest past it; so a typical payload is never walked.
+    if encoded.count(b"{") + encoded.count(b"[") <= MAX_PAYLOAD_DEPTH:
+        return False
+    return nesting_depth(value) > MAX_PAYLOAD_DEPTH
+
+
 def check_payload(payload: Any, tenant_id: str, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> bytes:
     """Validate a payload for enqueue; return its JSON encoding (used only for its size)."""
     if not isinstance(payload, dict):
-        raise InvalidJob(f"payload must be a JSON object, not {type(payload).__name__}")
+        raise InvalidJob(f"payload must be a JSON object (a dict), not {type(payload).__name__}")
     if "tenant_id" in payload and payload["tenant_id"] != tenant_id:
         raise InvalidJob(f"payload tenant_id {payload['tenant_id']!r} does not match tenant {tenant_id!r}")
+    reserved = reserved_payload_key(payload)
+    if reserved is not None:
+        raise InvalidJob(_reserved_key_reason(reserved))
     try:
         encoded = dumps(payload)
+    except RecursionError:
+        raise InvalidJob(_depth_reason("payload")) from None
     except (TypeError, ValueError) as exc:
         raise InvalidJob(f"payload is not JSON-serializable: {exc}") from None
     if len(encoded) > max_bytes:
         raise InvalidJob(f"payload is {len(encoded)} bytes, over the {max_bytes}-byte limit")
+    if nests_too_deeply(payload, encoded):
+        raise InvalidJob(_depth_reason("payload"))
     return encoded
 
 
@@ -150,9 +212,12 @@ class WorkerJobDecoder:
 
     A record that is not an ARQ job at all (not JSON, not an object, no ``f``/``k``, a field of the wrong
     type or out of range) raises :class:`UnreadableJob`: the worker moves it to the dead letters. A
-    readable job the worker must refuse (unknown task, positional arguments, no tenant, too large) is
-    decoded as a call to :data:`REJECT_TASK` with the reason, which fails it through our envelope:
-    logged with tenant and job id, reported as events, and the worker moves on.
+    readable job the worker must refuse (unknown task, positional arguments, no tenant, a reserved
+    payload key, too large, nested deeper than :data:`MAX_PAYLOAD_DEPTH`) is decoded as a call to
+    :data:`REJECT_TASK` with the reason, which fails it through our envelope: logged with tenant and job
+    id, reported as events (the tenant is the job id's), and the worker moves on. Nothing else ever
+    leaves the decoder: not even JSON nested too deeply for Python's parser (a RecursionError), which is
+    refused like a job too large to read.
     """
 
     def __init__(self, known_tasks: set[str], max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
@@ -164,6 +229,8 @@ class WorkerJobDecoder:
             return self._reject(f"job is {len(raw)} bytes, over the {self.max_payload_bytes}-byte payload limit")
         try:
             record = json.loads(raw)
+        except RecursionError:
+            return self._reject(_depth_reason("job"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise UnreadableJob("bad_record", f"job record is not valid JSON ({exc.__class__.__name__}: {exc})") \
                 from None
@@ -188,6 +255,11 @@ class WorkerJobDecoder:
             return self._reject(f"unknown task {task!r}", et, task, kwargs)
         if "tenant_id" not in kwargs:
             return self._reject("payload has no tenant_id", et, task, kwargs)
+        reserved = reserved_payload_key(kwargs)
+        if reserved is not None:
+            return self._reject(_reserved_key_reason(reserved), et, task, kwargs)
+        if nests_too_deeply(kwargs, raw):
+            return self._reject(_depth_reason("payload"), et, task, kwargs)
         return {"t": job_try, "f": task, "a": [], "k": kwargs, "et": et}
 
     @staticmethod

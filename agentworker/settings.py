@@ -52,6 +52,25 @@ AGENTWORKER_ZYGOTE_PRELOAD             (none)                          extra com
                                                                        imports before forking workers
 AGENTWORKER_SCHEDULER                  on                              off: this process dispatches no tenant
                                                                        schedules (some other process must)
+AGENTWORKER_MAX_CONFIG_BYTES           8388608 (8 MiB)                 largest quota file read (a bigger one is
+                                                                       refused before it is parsed)
+AGENTWORKER_MAX_YAML_ALIASES           100                             aliases (``*name``) one YAML document may
+                                                                       use (quota file, definition, schedule...)
+AGENTWORKER_MAX_YAML_DEPTH             64                              nesting levels of one YAML/JSON document
+AGENTWORKER_MAX_DEFINITION_BYTES       1048576 (1 MiB)                 largest workflow definition, schedule or
+                                                                       integration document (YAML/JSON, also
+                                                                       once its aliases are expanded)
+AGENTWORKER_MAX_DEFINITION_STEPS       200                             steps of one workflow definition
+AGENTWORKER_MAX_TEMPLATE_OUTPUT_BYTES  1048576 (1 MiB)                 what one step's templates may render to
+AGENTWORKER_MAX_PROMPT_BYTES           262144 (256 KiB)                largest prompt, message or instructions
+                                                                       sent to a model (UTF-8 bytes)
+AGENTWORKER_MAX_STEP_OUTPUT_BYTES      4194304 (4 MiB)                 largest output of one workflow step (JSON)
+AGENTWORKER_MAX_EVENT_BYTES            65536 (64 KiB)                  largest event put in a tenant's stream;
+                                                                       a bigger one keeps a truncated preview
+AGENTWORKER_EGRESS_ALLOW               (none)                          comma-separated CIDRs and host:port pairs
+                                                                       tenants' calls may reach though internal,
+                                                                       e.g. 10.1.2.0/24,crm.internal:8443 (never
+                                                                       the service's own Redis, PostgreSQL, port)
 =====================================  ==============================  ==========================================
 """
 
@@ -67,6 +86,52 @@ ENV_PREFIX = "AGENTWORKER_"
 
 class SettingsError(ValueError):
     """An ``AGENTWORKER_*`` variable holds a value that cannot be used."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputLimits:
+    """The size limits on what tenants and operators send in (the ``AGENTWORKER_MAX_*`` rows above).
+
+    The defaults live here; :class:`Settings` has the same fields. Code handed a :class:`Settings` uses
+    :attr:`Settings.limits`; code that is not (a template being rendered, a workflow definition parsed by
+    a library caller) uses :meth:`from_env`, so every process of one deployment applies the same limits.
+    """
+
+    max_config_bytes: int = 8 * 1024 * 1024
+    max_yaml_aliases: int = 100
+    max_yaml_depth: int = 64
+    max_definition_bytes: int = 1024 * 1024
+    max_definition_steps: int = 200
+    max_template_output_bytes: int = 1024 * 1024
+    max_prompt_bytes: int = 256 * 1024
+    max_step_output_bytes: int = 4 * 1024 * 1024
+    max_event_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, least = getattr(self, f.name), _LIMIT_MINIMUMS.get(f.name, 1024)
+            if not isinstance(value, int) or value < least:
+                raise SettingsError(f"{ENV_PREFIX}{f.name.upper()}={value!r}: must be an integer >= {least}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> InputLimits:
+        """The limits set by ``AGENTWORKER_MAX_*`` variables (defaults for the others)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            raw = env.get(name)
+            if raw:
+                values[f.name] = _convert(name, raw, f.type)
+        return cls(**values)
+
+    def refusal(self, name: str, problem: str) -> str:
+        """One sentence refusing an input: ``problem``, then the limit it broke and its value."""
+        return f"{problem}, over the limit {ENV_PREFIX}{name.upper()}={getattr(self, name)}"
+
+
+_LIMIT_MINIMUMS = {"max_yaml_aliases": 0, "max_yaml_depth": 8, "max_definition_steps": 1}
+_DEFAULT_LIMITS = InputLimits()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +162,16 @@ class Settings:
     zygote: str = "on"
     scheduler: str = "on"
     zygote_preload: tuple[str, ...] = field(default_factory=tuple)
+    max_config_bytes: int = _DEFAULT_LIMITS.max_config_bytes
+    max_yaml_aliases: int = _DEFAULT_LIMITS.max_yaml_aliases
+    max_yaml_depth: int = _DEFAULT_LIMITS.max_yaml_depth
+    max_definition_bytes: int = _DEFAULT_LIMITS.max_definition_bytes
+    max_definition_steps: int = _DEFAULT_LIMITS.max_definition_steps
+    max_template_output_bytes: int = _DEFAULT_LIMITS.max_template_output_bytes
+    max_prompt_bytes: int = _DEFAULT_LIMITS.max_prompt_bytes
+    max_step_output_bytes: int = _DEFAULT_LIMITS.max_step_output_bytes
+    max_event_bytes: int = _DEFAULT_LIMITS.max_event_bytes
+    egress_allow: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -142,6 +217,16 @@ class Settings:
             raise SettingsError(f"AGENTWORKER_ZYGOTE={self.zygote!r}: use on or off")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("AGENTWORKER_REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.egress_allow:
+            from agentworker.egress import parse_allow_list  # imported late: egress reads these settings
+
+            parse_allow_list(self.egress_allow)
+        _ = self.limits  # validates the AGENTWORKER_MAX_* values
+
+    @property
+    def limits(self) -> InputLimits:
+        """The input size limits of these settings."""
+        return InputLimits(**{f.name: getattr(self, f.name) for f in fields(InputLimits)})
 
 
 def _convert(name: str, raw: str, kind: Any) -> Any:

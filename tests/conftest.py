@@ -281,10 +281,20 @@ def new_tenant(prefix: str = "t") -> str:
 # -- agents and tools: real local peers (SMTP, a CRM API, an OpenAI-compatible endpoint) ------------------
 
 CRM_TOKENS = ["crm-token-a", "crm-token-b"]
+#: the egress guard refuses loopback by default; the local peers of the tests live on 127.0.0.1 (the
+#: service's own Redis, PostgreSQL and HTTP port stay refused all the same)
+LOOPBACK_PEERS_ALLOWED = {"AGENTWORKER_EGRESS_ALLOW": "127.0.0.1/32"}
 
 
 @pytest.fixture
-def smtp_server() -> Iterator[Callable[..., Any]]:
+def loopback_peers_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let this process's egress guard reach the local peers (worker subprocesses: their env helpers)."""
+    for name, value in LOOPBACK_PEERS_ALLOWED.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def smtp_server(loopback_peers_allowed: None) -> Iterator[Callable[..., Any]]:
     """Start real aiosmtpd servers on loopback: ``smtp_server(hold_first=0.0)``."""
     from tests.fake_smtp import SmtpServer
 
@@ -302,7 +312,7 @@ def smtp_server() -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-async def fake_openai() -> AsyncIterator[Any]:
+async def fake_openai(loopback_peers_allowed: None) -> AsyncIterator[Any]:
     from tests.fake_openai import FakeOpenAI
 
     endpoint = FakeOpenAI()
@@ -314,7 +324,7 @@ async def fake_openai() -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-async def fake_crm() -> AsyncIterator[Any]:
+async def fake_crm(loopback_peers_allowed: None) -> AsyncIterator[Any]:
     from tests.fake_crm import FakeCrm
 
     crm = FakeCrm(CRM_TOKENS)

@@ -116,6 +116,7 @@ class FakeOpenAI:
         body = await request.json()
         self.requests.append({"model": body.get("model"), "stream": bool(body.get("stream")),
                               "messages": body["messages"], "authorization": request.headers.get("Authorization"),
+                              "organization": request.headers.get("OpenAI-Organization"),
                               "tools": [t["function"]["name"] for t in body.get("tools") or []]})
         if body.get("model") == "hang":
             await self._release.wait()  # until the test ends

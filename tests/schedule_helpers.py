@@ -8,6 +8,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from agentworker.db import Database
+from tests.conftest import LOOPBACK_PEERS_ALLOWED
 from tests.schedule_probes import ticks_key
 from tests.workflow_helpers import WORKER_MODULES
 
@@ -16,7 +17,7 @@ SCHEDULE_MODULES = WORKER_MODULES + ",tests.schedule_probes"
 
 def schedule_worker_env(database_url: str, **extra: str) -> dict[str, str]:
     return {"AGENTWORKER_DATABASE_URL": database_url, "AGENTWORKER_TASK_MODULES": SCHEDULE_MODULES,
-            "AGENTWORKER_SCHEDULER": "on", **extra}
+            "AGENTWORKER_SCHEDULER": "on", **LOOPBACK_PEERS_ALLOWED, **extra}
 
 
 def tick_schedule(schedule_id: str, cron: str, label: str | None = None, **extra: Any) -> dict[str, Any]:

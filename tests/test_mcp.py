@@ -34,7 +34,7 @@ class ExternalServer:
 
 
 @pytest.fixture
-async def external_mcp() -> AsyncIterator[ExternalServer]:
+async def external_mcp(loopback_peers_allowed: None) -> AsyncIterator[ExternalServer]:
     import uvicorn
     from mcp.server.fastmcp import FastMCP
 

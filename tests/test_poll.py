@@ -24,7 +24,7 @@ ON_ITEM = {"id": "on-item", "steps": [{"id": "take", "kind": "transform",
 
 
 @pytest.fixture
-async def feed() -> AsyncIterator[FakeFeed]:
+async def feed(loopback_peers_allowed: None) -> AsyncIterator[FakeFeed]:
     server = FakeFeed()
     await server.start()
     try:

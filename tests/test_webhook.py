@@ -44,7 +44,8 @@ async def test_a_bad_signature_runs_nothing_and_a_good_delivery_sent_twice_runs_
     worker = spawn_worker(quota_file, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), **schedule_worker_env(database_url))
     body = b'{"event": "payment.succeeded", "amount": 42}'
     now = int(time.time())
-    signed = {"X-Signature": sign(SECRET, body, now), "X-Signature-Timestamp": str(now), "X-Delivery-Id": "evt-1"}
+    signed = {"X-Signature": sign(SECRET, body, now), "X-Signature-Timestamp": str(now), "X-Delivery-Id": "evt-1",
+              "Content-Type": "application/json"}
     async with workflow_client(redis_url, quota_file, database) as client:
         await client.save_workflow(tenant, ON_PAYMENT)
         saved = await client.save_integration(tenant, "webhook", {"secret": SECRET, "workflow_id": "on-payment"},

@@ -14,13 +14,15 @@ from agentworker.config import load_config
 from agentworker.db import Database
 from agentworker.events import Event
 from agentworker.settings import Settings
+from tests.conftest import LOOPBACK_PEERS_ALLOWED
 from tests.workflow_probes import counter_key
 
 WORKER_MODULES = "tests.probe_tasks,tests.workflow_probes"
 
 
 def workflow_worker_env(database_url: str, **extra: str) -> dict[str, str]:
-    return {"AGENTWORKER_DATABASE_URL": database_url, "AGENTWORKER_TASK_MODULES": WORKER_MODULES, **extra}
+    return {"AGENTWORKER_DATABASE_URL": database_url, "AGENTWORKER_TASK_MODULES": WORKER_MODULES,
+            **LOOPBACK_PEERS_ALLOWED, **extra}
 
 
 def workflow_client(redis_url: str, config_path: Path, database: Database | None = None,

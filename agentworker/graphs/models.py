@@ -5,7 +5,13 @@ package is an optional extra of agentworker (``pip install 'agentworker[openai]'
 ``[ollama]``); a missing one fails with :class:`ModelProviderMissing` naming the extra. Every model gets
 a request timeout of at most :data:`MAX_TIMEOUT_SECONDS`, at most :data:`MAX_RETRIES` retries, and the
 metrics callback (:mod:`.model_metrics`). The API key comes from the tenant's model settings or, failing
-that, from the provider's usual environment variable (``OPENAI_API_KEY``, ...).
+that, from the provider's usual environment variable (``OPENAI_API_KEY``, ...) — but only for the
+provider's own endpoint (its default, or the operator's ``OPENAI_BASE_URL``).
+
+A ``base_url`` is a tenant's endpoint (operators set theirs in the provider's environment variable): it is
+called through the egress guard (:mod:`agentworker.egress`) and gets the tenant's own key or no
+``Authorization`` at all — never the platform's key, organization or project. Only ``openai:`` models
+take one, the provider whose HTTP client the guard is wired into; others refuse it.
 
 ``chat_model(None)`` or ``"offline"`` is :class:`OfflineChatModel`, which needs no key and no network, so
 the service and its tests run anywhere.
@@ -20,12 +26,14 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolCall, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from agentworker import egress
 from agentworker.graphs.model_metrics import LlmCallMetrics
 from agentworker.integrations import MAX_TIMEOUT_SECONDS, ModelSettings
 
@@ -39,6 +47,10 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "ollama": ("langchain_ollama", "ollama"),
 }
 _CALL_LINE = re.compile(r"^\s*call\s+([A-Za-z0-9_.-]+)\s*(\{.*\})?\s*$")
+#: stands in for a key when a tenant endpoint has none (the client insists on one); never sent
+_NO_KEY = "agentworker-no-tenant-key"
+#: what the OpenAI client would add from the platform's environment; never sent to a tenant endpoint
+_PLATFORM_HEADERS = ("OpenAI-Organization", "OpenAI-Project")
 
 
 class ModelSpecError(ValueError):
@@ -151,8 +163,11 @@ def chat_model(spec: str | None = None, *, timeout: float = MAX_TIMEOUT_SECONDS,
         # ChatOllama takes its HTTP timeout through the client and has no retry option (a local server).
         options = {"client_kwargs": {"timeout": options["timeout"]}}
     if base_url:
-        options["base_url"] = base_url
-    if api_key and provider != "ollama":
+        if provider != "openai":
+            raise ModelSpecError(f"model {spec!r} cannot use a base_url: only openai models reach a tenant's own "
+                                 "endpoint, through the egress guard")
+        options.update(_tenant_endpoint(base_url, api_key, options["timeout"]))
+    elif api_key and provider != "ollama":
         options["api_key"] = api_key
     if streaming:
         options["streaming"] = True
@@ -169,6 +184,32 @@ def chat_model(spec: str | None = None, *, timeout: float = MAX_TIMEOUT_SECONDS,
         raise ModelProviderMissing(f"model {spec!r} needs a provider package that is not installed: {exc}") from None
     except ValueError as exc:
         raise ModelSpecError(f"model {spec!r}: {exc}") from None
+
+
+def _tenant_endpoint(base_url: str, api_key: str | None, timeout: float) -> dict[str, Any]:
+    """ChatOpenAI's options for a tenant's endpoint: the guarded client, and the tenant's key or none."""
+
+    async def platform_headers_off(request: httpx.Request) -> None:
+        if request.headers.get("Authorization") == f"Bearer {_NO_KEY}":
+            del request.headers["Authorization"]
+        for name in _PLATFORM_HEADERS:
+            request.headers.pop(name, None)
+
+    return {
+        "base_url": base_url,
+        # Given explicitly, so the client never falls back on OPENAI_API_KEY (the platform's key).
+        "api_key": api_key or _NO_KEY,
+        "http_async_client": egress.httpx_client(timeout=timeout, keepalive=False, follow_redirects=True,
+                                                 event_hooks={"request": [platform_headers_off]}),
+        # Agents call models asynchronously; a synchronous call must not slip past the guard either.
+        "http_client": httpx.Client(transport=_AsyncOnly()),
+    }
+
+
+class _AsyncOnly(httpx.BaseTransport):
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        raise ModelSpecError(f"{request.url.host}: a tenant's model endpoint is only called asynchronously, "
+                             "through the egress guard")
 
 
 def tenant_chat_model(settings: ModelSettings | None, *, override: str | None = None,

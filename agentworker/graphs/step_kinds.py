@@ -12,9 +12,12 @@ from typing import Any
 
 import aiohttp
 
+from agentworker import egress
 from agentworker.db.ledger import Ledger, effect_key
 from agentworker.graphs import agent_step
 from agentworker.graphs.models import chat_model
+from agentworker.safe_yaml import DocumentRefused, check_value
+from agentworker.settings import InputLimits
 from agentworker.tools import builtin as _builtin_tools  # noqa: F401 - registers the built-in tools
 from agentworker.tools.registry import TOOLS, EmitFunction, ToolContext
 from agentworker.workflows.definition import AgentStep, HttpStep, LlmStep, StepBase, ToolStep, TransformStep
@@ -45,8 +48,30 @@ class StepEnvironment:
                            emit=self.emit, database=self.ledger.database)
 
 
+#: the rendered fields of each step kind that go to a model as a prompt
+_PROMPT_FIELDS = {"llm": ("prompt", "system"), "agent": ("instructions",)}
+
+
 async def execute(step: StepBase, values: Mapping[str, Any], env: StepEnvironment) -> Any:
-    """Run one attempt of ``step`` with its templated fields already rendered into ``values``."""
+    """Run one attempt of ``step`` with its templated fields already rendered into ``values``.
+
+    Within the input limits: a rendered prompt over ``AGENTWORKER_MAX_PROMPT_BYTES`` is not sent, and an
+    output over ``AGENTWORKER_MAX_STEP_OUTPUT_BYTES`` (as JSON) is not kept; both fail the step for good."""
+    limits = InputLimits.from_env()
+    for name in _PROMPT_FIELDS.get(step.kind, ()):
+        size = len(str(values.get(name) or "").encode("utf-8", errors="surrogatepass"))
+        if size > limits.max_prompt_bytes:
+            raise PermanentStepError(limits.refusal(
+                "max_prompt_bytes", f"the rendered {name} of step {step.id!r} is {size} bytes"))
+    output = await _execute_kind(step, values, env)
+    try:
+        check_value(output, what=f"the output of step {step.id!r}", limits=limits, size_limit="max_step_output_bytes")
+    except DocumentRefused as exc:
+        raise PermanentStepError(str(exc)) from None
+    return output
+
+
+async def _execute_kind(step: StepBase, values: Mapping[str, Any], env: StepEnvironment) -> Any:
     if isinstance(step, TransformStep):
         return _transform(values)
     if isinstance(step, HttpStep):
@@ -87,11 +112,13 @@ async def _http(step: HttpStep, values: Mapping[str, Any], env: StepEnvironment)
             headers.setdefault("Idempotency-Key", idempotency_key)
         timeout = aiohttp.ClientTimeout(total=step.timeout_seconds)
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
+            async with egress.http_session(timeout=timeout) as session, session.request(
                     step.method, url, headers=headers, json=values.get("body")) as response:
                 raw = await response.content.read(_MAX_BODY_BYTES)
                 status = response.status
                 content_type = response.headers.get("Content-Type", "")
+        except egress.EgressRefused as exc:
+            raise PermanentStepError(str(exc)) from None  # retrying cannot make the address allowed
         except aiohttp.ClientError as exc:
             raise StepError(f"{step.method} {url} failed: {type(exc).__name__}: {exc}") from None
         text = raw.decode("utf-8", errors="replace")

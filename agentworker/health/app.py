@@ -14,6 +14,8 @@ POST /admin/reload  re-read the quota file (bearer token ``AGENTWORKER_ADMIN_TOK
 ==================  ===========================================================================
 
 The app knows the supervisor only through :class:`HealthBackend`, so it can be tested on its own.
+:mod:`~agentworker.health.server` serves it (a deadline on request heads, one-line logs for malformed
+requests).
 """
 
 from __future__ import annotations

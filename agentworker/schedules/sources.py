@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from agentworker import egress
 from agentworker.schedules.spec import PollSource
 
 #: item ids remembered per source, to skip items a source hands out again
@@ -95,6 +96,8 @@ async def fetch_page(session: aiohttp.ClientSession, source: PollSource, cursor:
             body = await response.content.read(MAX_BODY_BYTES + 1)
     except TimeoutError:
         raise SourceError(f"the source did not answer within {source.timeout:g}s") from None
+    except egress.EgressRefused as exc:
+        raise SourceError(str(exc)) from None
     except aiohttp.ClientError as exc:
         raise SourceError(f"cannot reach the source: {type(exc).__name__}") from None
     if len(body) > MAX_BODY_BYTES:
@@ -109,7 +112,7 @@ async def read_source(source: PollSource, cursor: str | None, seen: set[str]) ->
     fresh = set(seen)
     pages = 0
     timeout = aiohttp.ClientTimeout(total=source.timeout)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with egress.http_session(timeout=timeout) as session:
         while pages < source.max_pages:
             page = await fetch_page(session, source, cursor)
             pages += 1

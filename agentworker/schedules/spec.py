@@ -11,7 +11,9 @@
 
 Exactly one of ``task``, ``workflow_id`` and ``poll``. A payload or input value that is exactly the
 string ``{{ due_at }}`` is replaced, when the run is dispatched, by its due time (ISO 8601, UTC).
-Errors are one :class:`InvalidSchedule` naming each bad key, never a secret's value.
+Errors are one :class:`InvalidSchedule` naming each bad key, never a secret's value. A schedule may also
+be given as YAML or JSON text, read with the safe loader; text or dict, it is held to the input limits
+(``AGENTWORKER_MAX_DEFINITION_BYTES``, ``AGENTWORKER_MAX_YAML_DEPTH``, ``AGENTWORKER_MAX_YAML_ALIASES``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from agentworker.integrations import HttpUrl, describe_errors
 from agentworker.jobs import TASK_NAME_RE
+from agentworker.safe_yaml import DocumentRefused, check_value, load_yaml, one_line
 from agentworker.schedules.cron import CronSchedule, InvalidCron, parse_cron
+from agentworker.settings import InputLimits
 from agentworker.workflows.definition import WORKFLOW_ID_PATTERN
 
 if TYPE_CHECKING:
@@ -153,10 +158,20 @@ class ScheduleSpec(BaseModel):
         return data
 
 
-def parse_schedule(spec: Any) -> ScheduleSpec:
-    """Validate a schedule (a dict or a :class:`ScheduleSpec`), its cron expression and time zone."""
+def parse_schedule(spec: Any, *, limits: InputLimits | None = None) -> ScheduleSpec:
+    """Validate a schedule (a dict, YAML or JSON text, or a :class:`ScheduleSpec`), its cron expression
+    and time zone. ``limits``: default ``AGENTWORKER_MAX_*`` from the environment."""
+    limits = limits or InputLimits.from_env()
     if isinstance(spec, ScheduleSpec):
         spec = spec.stored()
+    try:
+        if isinstance(spec, str | bytes):
+            spec = load_yaml(spec, what="the schedule", limits=limits, size_limit="max_definition_bytes")
+        check_value(spec, what="the schedule", limits=limits, size_limit="max_definition_bytes")
+    except DocumentRefused as exc:
+        raise InvalidSchedule(f"invalid schedule: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidSchedule(f"invalid schedule: not valid YAML or JSON: {one_line(exc)}") from None
     if not isinstance(spec, dict):
         raise InvalidSchedule(f"a schedule must be an object, got {type(spec).__name__}")
     name = spec.get("id") if isinstance(spec.get("id"), str) else "(no id)"

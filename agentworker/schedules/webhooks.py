@@ -18,6 +18,13 @@ fails — unknown source, missing or malformed header, wrong signature, stale ti
 (the job fails with :class:`WebhookRejected`), logged without its body or any secret, counted in
 ``agentworker_webhooks_total{outcome}``, and runs nothing.
 
+**Body.** Then the body must be declared JSON — ``Content-Type: application/json`` (or
+``application/<something>+json``; a ``charset``, if given, ``utf-8``) — and be a JSON document nesting
+at most :data:`MAX_BODY_DEPTH` levels (62: the workflow's payload holds it two levels down): otherwise
+the webhook is rejected in the same way (``unsupported_media_type``, ``bad_body``).
+:attr:`WebhookRejected.http_status` is the status for the HTTP front that received the call to answer
+(415 for a body that is not JSON).
+
 **Deduplication.** The delivery id is the ``<delivery_header>`` (default ``X-Delivery-Id``), else the
 SHA-256 of the body. It is recorded in ``agentworker.webhook_deliveries`` in the transaction that enqueues
 the workflow (job id ``{tenant}:execute_workflow:wh-{source}-{digest}``): a second delivery finds it and
@@ -41,7 +48,7 @@ from agentworker.client import AgentWorkerClient
 from agentworker.db import SCHEMA, Database
 from agentworker.db import integrations as integration_rows
 from agentworker.integrations import WEBHOOK_SOURCE_PATTERN, WebhookSettings
-from agentworker.jobs import make_job_id
+from agentworker.jobs import MAX_PAYLOAD_DEPTH, make_job_id, nesting_depth
 
 DELIVERY_RETENTION_DAYS = 30
 _MAX_DELIVERY_ID = 200
@@ -49,11 +56,21 @@ _MAX_DELIVERY_ID = 200
 _PRIVATE_HEADERS = ("authorization", "cookie", "proxy-authorization")
 
 
+#: the HTTP status that answers each rejection (for the front that received the provider's call)
+HTTP_STATUS = {"bad_signature": 401, "stale": 401, "unknown_source": 404, "unsupported_media_type": 415,
+               "bad_body": 400}
+_MAX_SHOWN = 80
+#: how deeply a body may nest: the workflow's payload wraps it two levels down (``input_data.payload``),
+#: and the whole payload may nest :data:`~agentworker.jobs.MAX_PAYLOAD_DEPTH` levels
+MAX_BODY_DEPTH = MAX_PAYLOAD_DEPTH - 2
+
+
 class WebhookRejected(Exception):
     """The webhook was refused before anything ran; ``outcome`` is the metric's label."""
 
     def __init__(self, outcome: str, message: str) -> None:
         self.outcome = outcome
+        self.http_status = HTTP_STATUS.get(outcome, 400)
         super().__init__(message)
 
 
@@ -95,6 +112,46 @@ def verify(settings: WebhookSettings, headers: Mapping[str, str], body: bytes, n
         raise WebhookRejected("bad_signature", "the signature does not match")
 
 
+def _media_type(declared: str) -> tuple[str, str | None]:
+    """``Content-Type`` → (lowercased media type, lowercased charset or None)."""
+    media_type, *parameters = declared.split(";")
+    charset = None
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+    return media_type.strip().lower(), charset
+
+
+def parse_json_body(headers: Mapping[str, str], body: bytes) -> Any:
+    """The body as JSON, checked to be declared and to be JSON; raise :class:`WebhookRejected` if not.
+
+    ``headers`` are lowercased names.
+    """
+    declared = headers.get("content-type", "").strip()
+    if not declared:
+        raise WebhookRejected("unsupported_media_type",
+                              "the request has no Content-Type header; webhook bodies must be application/json")
+    media_type, charset = _media_type(declared)
+    is_json = media_type == "application/json" or (media_type.startswith("application/")
+                                                   and media_type.endswith("+json"))
+    if not is_json or charset not in (None, "utf-8", "utf8"):
+        raise WebhookRejected("unsupported_media_type",
+                              f"the body's Content-Type is {declared[:_MAX_SHOWN]!r}; webhook bodies must be "
+                              f"application/json (UTF-8)")
+    too_deep = WebhookRejected("bad_body", f"the body nests objects or arrays deeper than the "
+                                           f"{MAX_BODY_DEPTH}-level limit")
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except RecursionError:
+        raise too_deep from None
+    except ValueError:  # UnicodeDecodeError included
+        raise WebhookRejected("bad_body", "the body is not a valid UTF-8 JSON document") from None
+    if body.count(b"{") + body.count(b"[") > MAX_BODY_DEPTH and nesting_depth(document) > MAX_BODY_DEPTH:
+        raise too_deep
+    return document
+
+
 def delivery_id_of(settings: WebhookSettings, headers: Mapping[str, str], body: bytes) -> str:
     value = headers.get(settings.delivery_header.lower(), "").strip()
     if not value or len(value) > _MAX_DELIVERY_ID or not value.isprintable():
@@ -102,13 +159,9 @@ def delivery_id_of(settings: WebhookSettings, headers: Mapping[str, str], body: 
     return value
 
 
-def _workflow_input(source: str, delivery_id: str, headers: Mapping[str, str], body: bytes,
+def _workflow_input(source: str, delivery_id: str, headers: Mapping[str, str], payload: Any,
                     settings: WebhookSettings) -> dict[str, Any]:
     hidden = {*_PRIVATE_HEADERS, settings.signature_header.lower()}
-    try:
-        payload: Any = json.loads(body)
-    except ValueError:
-        payload = body.decode("utf-8", "replace")
     return {"source": source, "delivery_id": delivery_id, "payload": payload,
             "headers": {k: v for k, v in sorted(headers.items()) if k not in hidden}}
 
@@ -120,6 +173,7 @@ async def receive(database: Database, client: AgentWorkerClient, tenant_id: str,
     try:
         settings = await _settings(database, tenant_id, source)
         verify(settings, lowered, body, time.time() if now is None else now)
+        payload = parse_json_body(lowered, body)
     except WebhookRejected as exc:
         metrics.WEBHOOKS_TOTAL.labels(exc.outcome).inc()
         log.warning("webhook rejected", source=source, outcome=exc.outcome, reason=str(exc))
@@ -141,7 +195,7 @@ async def receive(database: Database, client: AgentWorkerClient, tenant_id: str,
         # Enqueued inside the transaction: if the commit is lost, the retry enqueues the same job id (a no-op).
         handle = await client.enqueue("execute_workflow", tenant_id, idempotency_key=key, payload={
             "workflow_id": settings.workflow_id, "trigger": "webhook",
-            "input_data": _workflow_input(source, delivery, lowered, body, settings)})
+            "input_data": _workflow_input(source, delivery, lowered, payload, settings)})
     metrics.WEBHOOKS_TOTAL.labels("accepted").inc()
     log.info("webhook accepted", source=source, delivery_id=delivery, job_id=handle.job_id)
     return {"status": "accepted", "delivery_id": delivery, "job_id": handle.job_id}

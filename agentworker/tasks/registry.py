@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agentworker.jobs import REJECT_TASK, validate_task_name
+from agentworker.jobs import REJECT_TASK, RESERVED_PAYLOAD_KEYS, validate_task_name
 
 if TYPE_CHECKING:
     from agentworker.tasks.context import JobContext
@@ -63,6 +63,19 @@ class Task:
             raise PayloadError(f"payload does not fit task {self.name!r}: {exc}") from None
 
 
+def _check_parameter_names(task_name: str, func: TaskFunction) -> None:
+    """A task's payload parameters (all but the first, the context) may not use a name the envelope
+    reserves: workers refuse every payload carrying one (:func:`agentworker.jobs.reserved_payload_key`),
+    so such a task could never run."""
+    for parameter in list(inspect.signature(func).parameters.values())[1:]:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        name = parameter.name
+        if name in RESERVED_PAYLOAD_KEYS or name.startswith("_"):
+            raise ValueError(f"task {task_name!r} has a parameter {name!r}, a reserved payload name (ctx, "
+                             f"arq_ctx and names starting with '_'); rename it")
+
+
 class TaskRegistry:
     def __init__(self) -> None:
         self._tasks: dict[str, Task] = {}
@@ -75,6 +88,7 @@ class TaskRegistry:
             raise ValueError(f"{REJECT_TASK!r} is reserved")
         if not inspect.iscoroutinefunction(func):
             raise TypeError(f"task {task_name!r} must be an async function")
+        _check_parameter_names(task_name, func)
         existing = self._tasks.get(task_name)
         if existing is not None and existing.func is not func:
             raise ValueError(f"task {task_name!r} is already registered by {existing.func.__module__}")

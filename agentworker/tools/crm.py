@@ -21,6 +21,7 @@ from urllib.parse import quote
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agentworker import egress
 from agentworker.db.urls import redact_url
 from agentworker.integrations import CrmSettings, EmailAddress
 from agentworker.tools.registry import ToolContext, ToolError, tool
@@ -109,10 +110,12 @@ async def _call(ctx: ToolContext, method: str, path: str, body: dict[str, Any] |
     shown = f"{method} {redact_url(settings.base_url)}{path.split('?', 1)[0]}"
     timeout = aiohttp.ClientTimeout(total=settings.timeout)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
+        async with egress.http_session(timeout=timeout) as session, session.request(
                 method, url, headers=headers, json=body) as response:
             raw = await response.content.read(_MAX_BODY_BYTES)
             status = response.status
+    except egress.EgressRefused as exc:
+        raise ToolError(f"CRM call {shown}: {exc}") from None
     except TimeoutError:
         raise ToolError(f"CRM call {shown} timed out after {settings.timeout:g}s") from None
     except aiohttp.ClientError as exc:

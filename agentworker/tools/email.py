@@ -28,6 +28,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from agentworker import egress
 from agentworker.db import outbox
 from agentworker.integrations import EmailAddress, SmtpSettings
 from agentworker.tools.registry import ToolContext, ToolError, tool
@@ -106,7 +107,13 @@ async def _transmit(ctx: ToolContext, settings: SmtpSettings, message: EmailMess
                            local_hostname=settings.from_address.rsplit("@", 1)[1])
     where = f"{settings.host}:{settings.port}"
     try:
-        await smtp.connect()
+        # Connected through the egress guard; aiosmtplib gets the socket (TLS still checks settings.host).
+        sock = await egress.connect_socket(settings.host, settings.port, timeout=settings.timeout)
+        try:
+            await smtp.connect(port=None, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         if settings.username:
             password = settings.password.get_secret_value() if settings.password else ""
             await smtp.login(settings.username, password)
@@ -122,6 +129,8 @@ async def _transmit(ctx: ToolContext, settings: SmtpSettings, message: EmailMess
             async with database.tenant(ctx.tenant_id) as tx:
                 await outbox.set_status(tx, ctx.idempotency_key, "prepared")
             raise
+    except egress.EgressRefused as exc:
+        raise ToolError(f"SMTP server {where}: {exc}") from None
     except aiosmtplib.SMTPException as exc:
         # The server's reply and our own words only: credentials are never part of either.
         raise ToolError(f"SMTP server {where} failed the send: {type(exc).__name__}: {_reply(exc)}") from None

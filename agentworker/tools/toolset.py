@@ -19,6 +19,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agentworker import egress
 from agentworker.db import integrations as integration_rows
 from agentworker.db.database import Database
 from agentworker.db.ledger import Ledger, effect_key
@@ -153,6 +154,8 @@ async def _load_external(stack: AsyncExitStack, scope: ToolScope, name: str,
         "transport": "streamable_http", "url": settings.url, "timeout": settings.timeout,
         "sse_read_timeout": settings.timeout,
         "headers": {k: v.get_secret_value() for k, v in settings.headers.items()},
+        # The tenant's server is reached through the egress guard (every connection, redirects too).
+        "httpx_client_factory": egress.mcp_client_factory(),
     }
     inner = AsyncExitStack()
     try:
@@ -179,7 +182,13 @@ async def _load_external(stack: AsyncExitStack, scope: ToolScope, name: str,
 
 
 def _reason(error: BaseException) -> str:
-    """The innermost error's class name (task groups wrap them in exception groups)."""
+    """The innermost error's class name (task groups wrap them in exception groups), or the egress
+    guard's sentence when it refused the server's address."""
     while isinstance(error, BaseExceptionGroup) and error.exceptions:
         error = error.exceptions[0]
-    return type(error).__name__
+    cause: BaseException | None = error
+    for _ in range(10):  # the client may wrap it (bounded: a chain can loop)
+        if cause is None or isinstance(cause, egress.EgressRefused):
+            break
+        cause = cause.__cause__ or cause.__context__
+    return str(cause) if isinstance(cause, egress.EgressRefused) else type(error).__name__

@@ -3,6 +3,11 @@
 A definition is refused as a whole, with every problem listed by its path (``steps[2].depends_on[0]``):
 unknown keys or kinds, bad values, duplicate step ids, unknown dependencies, cycles, and templates that
 are malformed or refer to a step that is unknown or not an ancestor of the step using it.
+
+Before any of that, the input limits (:class:`~agentworker.settings.InputLimits`): the text through the
+safe YAML loader (size, aliases, depth: :mod:`agentworker.safe_yaml`), then the parsed document's size
+once expanded (``AGENTWORKER_MAX_DEFINITION_BYTES``), its step count (``AGENTWORKER_MAX_DEFINITION_STEPS``)
+and each literal prompt (``AGENTWORKER_MAX_PROMPT_BYTES``). A refusal is one sentence naming the limit.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agentworker.safe_yaml import DocumentRefused, check_value, load_yaml, one_line
+from agentworker.settings import InputLimits
 from agentworker.workflows.templates import TemplateError, references_in
 
 ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,62}$"
 WORKFLOW_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-MAX_STEPS = 200
 
 
 class InvalidWorkflow(ValueError):
@@ -139,7 +145,8 @@ class WorkflowDefinition(BaseModel):
     id: str = Field(pattern=WORKFLOW_ID_PATTERN)
     name: str | None = None
     description: str | None = None
-    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
+    #: at most AGENTWORKER_MAX_DEFINITION_STEPS, checked by parse_workflow
+    steps: list[Step] = Field(min_length=1)
     #: the run's output, templated from the steps' outputs; default: the outputs of the steps that no
     #: other step depends on, by step id
     output: Any = None
@@ -171,28 +178,52 @@ class WorkflowDefinition(BaseModel):
         return self.model_dump(mode="json", exclude_defaults=True)
 
 
-def parse_workflow(source: str | bytes | Mapping[str, Any] | WorkflowDefinition) -> WorkflowDefinition:
+def parse_workflow(source: str | bytes | Mapping[str, Any] | WorkflowDefinition, *,
+                   limits: InputLimits | None = None) -> WorkflowDefinition:
     """A validated definition from YAML or JSON text, a mapping, or a definition (checked again).
 
-    Raises :class:`InvalidWorkflow` listing every problem found with its path.
+    ``limits``: default ``AGENTWORKER_MAX_*`` from the environment. Raises :class:`InvalidWorkflow`
+    listing every problem found with its path (a broken limit alone: the document is not looked at further).
     """
+    limits = limits or InputLimits.from_env()
     if isinstance(source, WorkflowDefinition):
         source = source.model_dump(mode="json")
-    if isinstance(source, str | bytes):
-        try:
-            source = yaml.safe_load(source)
-        except yaml.YAMLError as exc:
-            raise InvalidWorkflow([f"(document): not valid YAML or JSON: {exc}"]) from None
+    try:
+        if isinstance(source, str | bytes):
+            source = load_yaml(source, what="the workflow definition", limits=limits,
+                               size_limit="max_definition_bytes")
+        check_value(source, what="the workflow definition", limits=limits, size_limit="max_definition_bytes")
+    except DocumentRefused as exc:
+        raise InvalidWorkflow([f"(document): {exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise InvalidWorkflow([f"(document): not valid YAML or JSON: {one_line(exc)}"]) from None
     if not isinstance(source, Mapping):
         raise InvalidWorkflow([f"(document): must be an object with id and steps, got {type(source).__name__}"])
+    steps = source.get("steps")
+    if isinstance(steps, list) and len(steps) > limits.max_definition_steps:
+        problem = f"the workflow definition has {len(steps)} steps"
+        raise InvalidWorkflow([f"steps: {limits.refusal('max_definition_steps', problem)}"])
     try:
         definition = WorkflowDefinition.model_validate(source)
     except ValidationError as exc:
         raise InvalidWorkflow(_pydantic_errors(exc, source)) from None
-    errors = _graph_errors(definition)
+    errors = _prompt_errors(definition, limits) or _graph_errors(definition)
     if errors:
         raise InvalidWorkflow(errors)
     return definition
+
+
+def _prompt_errors(definition: WorkflowDefinition, limits: InputLimits) -> list[str]:
+    """Literal prompts over ``max_prompt_bytes`` (a rendered one is checked again when the step runs)."""
+    errors = []
+    for i, step in enumerate(definition.steps):
+        texts = {"prompt": step.prompt, "system": step.system} if isinstance(step, LlmStep) else (
+            {"instructions": step.instructions} if isinstance(step, AgentStep) else {})
+        for name, text in texts.items():
+            size = len(text.encode("utf-8", errors="surrogatepass")) if text else 0
+            if size > limits.max_prompt_bytes:
+                errors.append(f"steps[{i}].{name}: {limits.refusal('max_prompt_bytes', f'is {size} bytes')}")
+    return errors
 
 
 def _format_path(loc: tuple[int | str, ...]) -> str:

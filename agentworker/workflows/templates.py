@@ -6,6 +6,10 @@ segment is an object key, or a list index when it is all digits. A string that i
 expression becomes the referenced value itself (object, list, number...); an expression inside a longer
 string is replaced by the value's text (JSON for objects and lists). Templates may appear in any string
 of a templated field, at any depth; object keys are not templated.
+
+What a step's templates render to is limited (``AGENTWORKER_MAX_TEMPLATE_OUTPUT_BYTES``, counted as
+JSON as it is rendered): a template repeating a big output ``{{ steps.a.output }}`` a thousand times is
+refused, not multiplied into the step's stored input.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from agentworker.safe_yaml import DocumentRefused, check_value
+from agentworker.settings import InputLimits
 
 _EXPRESSION_RE = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 _WHOLE_RE = re.compile(r"^\s*\{\{(.*?)\}\}\s*$", re.DOTALL)
@@ -95,20 +102,67 @@ def resolve(reference: Reference, context: Mapping[str, Any]) -> Any:
     return value
 
 
-def render(value: Any, context: Mapping[str, Any]) -> Any:
-    """``value`` with every expression replaced, as described in the module docstring."""
+class _Budget:
+    """Bytes (roughly, as JSON) a render may still produce; a :class:`TemplateError` once spent."""
+
+    def __init__(self, limits: InputLimits, max_bytes: int) -> None:
+        self.limits = limits
+        self.max_bytes = max_bytes
+        self.used = 0
+
+    def refusal(self) -> TemplateError:
+        return TemplateError(self.limits.refusal(
+            "max_template_output_bytes", f"the rendered inputs are more than {self.max_bytes} bytes"))
+
+    def spend(self, size: int) -> None:
+        self.used += size
+        if self.used > self.max_bytes:
+            raise self.refusal()
+
+    def spend_on(self, found: Any) -> None:
+        """Count a referenced value, without serializing more of it than the budget has left."""
+        try:
+            self.spend(check_value(found, what="a referenced value", limits=self.limits,
+                                   size_limit="max_template_output_bytes", max_bytes=self.max_bytes - self.used))
+        except DocumentRefused:
+            raise self.refusal() from None
+
+
+def render(value: Any, context: Mapping[str, Any], *, max_bytes: int | None = None) -> Any:
+    """``value`` with every expression replaced, as described in the module docstring.
+
+    Raises :class:`TemplateError` for a bad template, a missing value, or a result over ``max_bytes``
+    (default: ``AGENTWORKER_MAX_TEMPLATE_OUTPUT_BYTES``)."""
+    limits = InputLimits.from_env()
+    return _render(value, context, _Budget(limits, limits.max_template_output_bytes if max_bytes is None
+                                           else max_bytes))
+
+
+def _render(value: Any, context: Mapping[str, Any], budget: _Budget) -> Any:
     if isinstance(value, str):
         whole = _WHOLE_RE.fullmatch(value)
         if whole and "{{" not in whole.group(1):
-            return resolve(parse_expression(whole.group(1)), context)
+            found = resolve(parse_expression(whole.group(1)), context)
+            budget.spend_on(found)
+            return found
 
         def substitute(match: re.Match[str]) -> str:
             found = resolve(parse_expression(match.group(1)), context)
+            budget.spend_on(found)
             return found if isinstance(found, str) else json.dumps(found)
 
-        return _EXPRESSION_RE.sub(substitute, value)
+        rendered = _EXPRESSION_RE.sub(substitute, value)
+        budget.spend(len(value) + 2)  # the literal text (each substitution was counted as it was made)
+        return rendered
     if isinstance(value, Mapping):
-        return {key: render(item, context) for key, item in value.items()}
+        budget.spend(2 + 2 * len(value))
+        rendered_map = {}
+        for key, item in value.items():
+            budget.spend(len(str(key)) + 2)
+            rendered_map[key] = _render(item, context, budget)
+        return rendered_map
     if isinstance(value, list):
-        return [render(item, context) for item in value]
+        budget.spend(2 + len(value))
+        return [_render(item, context, budget) for item in value]
+    budget.spend(8)
     return value
