@@ -36,7 +36,13 @@ from agentworker.supervisor import process
 from agentworker.supervisor.backoff import STABLE_AFTER, RestartBackoff
 from agentworker.supervisor.metrics_archive import MetricsArchive
 from agentworker.supervisor.process import ExitRecord, WorkerHandle
-from agentworker.supervisor.reload import QuotaFileWatch, ReloadResult, plan_reload, worker_settings_differ
+from agentworker.supervisor.reload import (
+    QuotaFileRead,
+    QuotaFileWatch,
+    ReloadResult,
+    plan_reload,
+    worker_settings_differ,
+)
 from agentworker.supervisor.slots import PoolState, WorkerSlot
 from agentworker.supervisor.zygote import Zygote
 
@@ -48,6 +54,9 @@ DRAIN_KILL_MARGIN_S = 5.0
 #: SIGKILL a hung worker this long after SIGTERM (its loop is blocked: it cannot drain anyway)
 HUNG_KILL_GRACE_S = 3.0
 RESTART_REASONS = ("exit", "crash", "hung", "memory", "recycle", "reload")
+#: most seconds a reload's replacement workers wait for the observer to have moved queued jobs to their new
+#: queues (it cannot while Redis is down; then the replacements go ahead)
+REROUTE_WAIT_MAX_S = 30.0
 
 Spawner = Callable[[list[str], dict[str, str]], int]
 
@@ -79,14 +88,21 @@ class Supervisor:
         self.draining = False
         self.drain_deadline: float | None = None
         self.config_version = 1  # bumped on every applied reload (the observer republishes routing)
+        #: the config version whose routing the queued jobs in Redis follow (the observer moves them)
+        self.rerouted_version = 1
+        self._reloaded_at = 0.0
         #: called with (pool, pid) for every worker reaped: the runner releases its job leases in Redis
         self.on_worker_gone: Callable[[str, int], None] | None = None
+        #: called after every applied reload: the runner has the observer publish the new routing at once
+        self.on_reload: Callable[[], None] | None = None
         self.last_reload: ReloadResult | None = None
         self._stop_requested = False
         self._kill_requested = False
         self._reload_requests: list[tuple[str, asyncio.Future[ReloadResult] | None]] = []
         self._next_file_check = 0.0
         self._wakeup = asyncio.Event()
+        #: the quota file is read and validated in a thread: a big file must not stall /health or reaping
+        self._file_read = QuotaFileRead(watch, self.wake)
         self.finished = asyncio.Event()
         for name, quota in config.pools.items():
             self._add_pool(name, quota)
@@ -109,6 +125,11 @@ class Supervisor:
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def rerouted(self, version: int) -> None:
+        """The observer has moved the queued jobs to the queues config ``version`` routes them to."""
+        self.rerouted_version = max(self.rerouted_version, version)
+        self.wake()
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -298,7 +319,8 @@ class Supervisor:
         if reason is None and current.serving and current.uptime >= STABLE_AFTER:
             slot.memory_backoff.succeeded()
         if (slot.incoming is None and reason is not None and now >= slot.replace_not_before
-                and (reason != "reload" or not pool.replacing) and not self._holding_starts()):
+                and (reason != "reload" or (not pool.replacing and self._rerouted(now)))
+                and not self._holding_starts()):
             log.info("starting a replacement worker", pool=pool.name, slot=slot.index, old_pid=current.pid,
                      reason=reason, rss=current.rss)
             slot.incoming = self._start(pool, slot)
@@ -315,6 +337,12 @@ class Supervisor:
                 slot.replace_not_before = now + slot.memory_backoff.failed(0.0)
             log.info("replacement serving; old worker drains", pool=pool.name, slot=slot.index,
                      old_pid=current.pid, worker_pid=incoming.pid, reason=handover)
+
+    def _rerouted(self, now: float) -> bool:
+        """A reload's replacements start once queued jobs follow the new routing: a fresh worker knows
+        only the new file and would refuse a job still where the old one routed it (the old workers,
+        which took the new file on SIGHUP, still accept those: see tasks/envelope.misrouting_reason)."""
+        return self.rerouted_version >= self.config_version or now - self._reloaded_at >= REROUTE_WAIT_MAX_S
 
     def _replacement_reason(self, pool: PoolState, handle: WorkerHandle) -> str | None:
         if not handle.serving:
@@ -366,6 +394,16 @@ class Supervisor:
         self.leaving.append(slot)
 
     def _handle_reloads(self, now: float) -> None:
+        if self._file_read.busy:
+            return  # requests made meanwhile get the next read: the file may have changed since this one began
+        finished = self._file_read.take()
+        if finished is not None:
+            trigger, waiting, outcome = finished
+            result = (ReloadResult(ok=False, trigger=trigger, errors=("the supervisor is stopping",))
+                      if self.draining else None if outcome is None else self.reload(trigger, outcome))
+            for future in waiting:
+                if future is not None and not future.done() and result is not None:
+                    future.set_result(result)
         requests, self._reload_requests = self._reload_requests, []
         if self.draining:
             for trigger, future in requests:
@@ -373,30 +411,30 @@ class Supervisor:
                     future.set_result(ReloadResult(ok=False, trigger=trigger,
                                                    errors=("the supervisor is stopping",)))
             return
+        only_if_changed = False
         if not requests and self.settings.config_poll_interval and now >= self._next_file_check:
             self._next_file_check = now + self.settings.config_poll_interval
-            if self.watch.changed():
-                requests.append(("file change", None))
+            requests.append(("file change", None))
+            only_if_changed = True
         if not requests:
             return
         # Several requests in one turn: the file is read once and every requester gets that answer.
-        result = self.reload(", ".join(sorted({trigger for trigger, _ in requests})))
-        for _trigger, future in requests:
-            if future is not None and not future.done():
-                future.set_result(result)
+        self._file_read.start(", ".join(sorted({trigger for trigger, _ in requests})),
+                              [future for _trigger, future in requests], only_if_changed=only_if_changed)
 
-    def reload(self, trigger: str) -> ReloadResult:
-        """Validate the quota file and apply it; a bad file changes nothing."""
-        try:
-            new = self.watch.load()
-        except ConfigError as exc:
+    def reload(self, trigger: str, loaded: QuotaConfig | ConfigError) -> ReloadResult:
+        """Apply a quota file read and validated in a thread (see :meth:`_handle_reloads`); a refused
+        file (``loaded`` is its :class:`ConfigError`) changes nothing, here or in any worker."""
+        if isinstance(loaded, ConfigError):
             log.error("quota file reload refused; keeping the running config", trigger=trigger,
-                      errors=exc.errors)
-            self.last_reload = ReloadResult(ok=False, trigger=trigger, errors=tuple(exc.errors))
+                      errors=loaded.errors)
+            self.last_reload = ReloadResult(ok=False, trigger=trigger, errors=tuple(loaded.errors))
             return self.last_reload
+        new = loaded
         plan = plan_reload(self.config, new)
         self.config = new
         self.config_version += 1
+        self._reloaded_at = time.monotonic()
         for name in plan.removed:
             pool = self.pools.pop(name)
             for slot in pool.slots:
@@ -417,6 +455,8 @@ class Supervisor:
             if handle.stop_reason is None:
                 handle.send(signal.SIGHUP)
         log.info("quota file reloaded", trigger=trigger, **plan.as_dict())
+        if self.on_reload is not None:
+            self.on_reload()
         self.last_reload = ReloadResult(ok=True, trigger=trigger, plan=plan)
         return self.last_reload
 
