@@ -6,9 +6,13 @@ enqueuing in one Lua script means two clients racing cannot both slip past a lim
 leaves nothing behind, and the whole enqueue costs one round trip (ARQ's own takes a WATCH/MULTI of
 about six commands).
 
-The script writes the job exactly where and how ARQ's ``enqueue_job`` would (job key with expiry, queue
-sorted set scored by due time), so ARQ's worker code runs it unchanged. A repeat of an existing job id
-(its job or result key still exists) enqueues nothing: that is the idempotency key's no-op.
+The script (``agentworker/lua/enqueue.lua``, the same file other-language producers run: see
+docs/protocol.md) writes the job record as ARQ's ``enqueue_job`` would (job key with expiry), puts its id
+in its tenant's queue inside the shard (scored by due time), and makes the tenant ready (or waiting, for
+a deferred job) in the shard's fair dispatcher. A repeat of an existing job id (its job or result key
+still exists) enqueues nothing: that is the idempotency key's no-op. It publishes a wake-up only when
+the tenant just became ready: a tenant enqueuing 1,000 jobs a second wakes the workers once, not 1,000
+times.
 
 Per tenant it also keeps ``agentworker:pending:{tenant}``, job ids scored by their expiry, removed when
 a worker claims the job; stale entries (jobs that expired unclaimed) are pruned by score.
@@ -23,47 +27,7 @@ from redis.asyncio import Redis
 
 from agentworker import jobs, keys
 from agentworker.config import RateLimit
-
-_ENQUEUE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
-  return {0, ''}
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local max_pending = tonumber(ARGV[5])
-if max_pending >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-  local n = redis.call('ZCARD', KEYS[4])
-  if n >= max_pending then
-    return {-1, tostring(n)}
-  end
-end
-local rate = tonumber(ARGV[6])
-if rate > 0 then
-  local period = tonumber(ARGV[7])
-  local bucket = redis.call('HMGET', KEYS[5], 'tokens', 'ts')
-  local tokens = tonumber(bucket[1]) or rate
-  local ts = tonumber(bucket[2]) or now
-  if now > ts then
-    tokens = math.min(rate, tokens + (now - ts) * rate / period)
-    ts = now
-  end
-  if tokens < 1 then
-    return {-2, tostring(math.ceil((1 - tokens) * period / rate))}
-  end
-  redis.call('HSET', KEYS[5], 'tokens', tostring(tokens - 1), 'ts', tostring(ts))
-  redis.call('PEXPIRE', KEYS[5], math.ceil(period * 2))
-end
-local expires = tonumber(ARGV[4])
-redis.call('SET', KEYS[1], ARGV[2], 'PX', expires)
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-redis.call('ZADD', KEYS[4], now + expires, ARGV[1])
-redis.call('PEXPIRE', KEYS[4], expires)
-if ARGV[8] ~= '' then
-  redis.call('PUBLISH', ARGV[8], KEYS[3])
-end
-return {1, ''}
-"""
+from agentworker.job_leases import lua_source
 
 
 class Admission(Enum):
@@ -84,7 +48,7 @@ class Enqueuer:
     """Registers the script once per Redis client and runs it."""
 
     def __init__(self, redis: Redis) -> None:
-        self._script = redis.register_script(_ENQUEUE_LUA)
+        self._script = redis.register_script(lua_source("enqueue"))
 
     async def enqueue(
         self,
@@ -92,7 +56,7 @@ class Enqueuer:
         job_id: str,
         tenant_id: str,
         pool: str,
-        queue: str,
+        shard: int,
         job_bytes: bytes,
         score_ms: int,
         expires_ms: int,
@@ -100,12 +64,14 @@ class Enqueuer:
         rate: RateLimit | None,
     ) -> AdmissionResult:
         reply = await self._script(
-            keys=[jobs.job_key(job_id), jobs.result_key(job_id), queue, keys.pending(tenant_id),
-                  keys.rate_bucket(tenant_id)],
+            keys=[jobs.job_key(job_id), jobs.result_key(job_id), keys.tenant_queue(pool, shard, tenant_id),
+                  keys.pending(tenant_id), keys.rate_bucket(tenant_id), keys.ready_tenants(pool, shard),
+                  keys.waiting_tenants(pool, shard), keys.capped_tenants(pool, shard),
+                  keys.virtual_clock(pool, shard)],
             args=[job_id, job_bytes, score_ms, expires_ms,
                   -1 if max_pending is None else max_pending,
                   rate.count if rate else 0, int(rate.period_s * 1000) if rate else 0,
-                  keys.wakeup_channel(pool)],
+                  keys.wakeup_channel(pool), tenant_id, keys.queue(pool, shard)],
         )
         code, detail = int(reply[0]), reply[1]
         detail_text = detail.decode() if isinstance(detail, bytes) else str(detail)

@@ -1,9 +1,19 @@
 """The Redis side of a job's life after enqueue: claim, lease renewal, finish, release, dead letters.
 
-Each step is one Lua script, so it is atomic and costs one round trip. The record formats are ARQ's
-(``arq:job:<id>``, ``arq:result:<id>``, ``arq:retry:<id>``, ``arq:in-progress:<id>``; the job stays in
-its queue's sorted set while it runs), so the client's ``JobHandle`` and stock ARQ tooling read them as
-before. What differs from ARQ is how long a claim lives and who may end it:
+Each step is one Lua script (``agentworker/lua/*.lua``), so it is atomic and costs one round trip. The
+record formats are ARQ's (``arq:job:<id>``, ``arq:result:<id>``, ``arq:retry:<id>``,
+``arq:in-progress:<id>``), so the client's ``JobHandle`` and stock ARQ tooling read them as before.
+
+**Where queued jobs are** (per shard ``q = {pool}:{shard}``; docs/protocol.md for producers): each
+tenant has its own queue ``agentworker:tq:{q}:{tenant}`` (job ids scored by due time), and the shard
+knows its tenants by state: ``ready:{q}`` (first job due; scored by virtual time), ``waiting:{q}`` (first
+job later; scored by its due time), ``capped:{q}`` (at ``max_concurrency``; scored by when to look
+again). A claimed job leaves its tenant's queue for ``running:{q}`` (scored by lease deadline) until it
+finishes or goes back. ``agentworker:queue:{pool}:{shard}`` is the shard's inbox for plain ARQ
+producers, adopted by the claim. The claim picks tenants by weighted fair queuing (see claim.lua):
+its cost depends on how many jobs it takes, never on any tenant's backlog.
+
+What differs from ARQ is also how long a claim lives and who may end it:
 
 * **A lease, not a timeout.** The in-progress key holds its *holder* (``{hostname}:{pid}`` of the worker
   process) and lives ``AGENTWORKER_JOB_LEASE_TTL`` seconds (default 10), renewed every third of that by
@@ -24,191 +34,59 @@ before. What differs from ARQ is how long a claim lives and who may end it:
   by the claim; a non-UTF-8 id or an undecodable record, found by the worker) is moved once, atomically,
   from the queue to the pool's hash ``agentworker:dead:{pool}`` with its reason (:data:`DEAD_LETTER_LUA`).
 
-Scripts get their key *prefixes* as arguments where they must build names from job ids (the release),
-so every name still comes from :mod:`agentworker.keys` and :mod:`agentworker.jobs`.
+Scripts build per-job and per-tenant key names from ids (a claim cannot know in advance which tenants
+it will serve): the prefixes are substituted from :mod:`agentworker.keys` and :mod:`agentworker.jobs`
+when the scripts are loaded, so every name still has one definition. (This is why the layout assumes
+one Redis, or Sentinel: not Redis Cluster.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import time
+from functools import cache
+from importlib import resources
 
 from redis.asyncio import Redis
 
 from agentworker import jobs, keys
+from agentworker.config import QuotaConfig
 
 #: how long a job's attempt record is kept after its last claim (it is deleted when the job finishes)
 ATTEMPT_TTL_MS = 7 * 86_400_000
 #: ARQ's expiry of the retry counter (arq.worker: 88,400 s)
 RETRY_TTL_S = 88_400
+#: a capped tenant is looked at again this often even if none of its jobs finishes (a lease that lapsed)
+CAPPED_RECHECK_MS = 1_000
 
 #: reasons a queue entry is dead-lettered (the label values of agentworker_dead_letters_total)
-DEAD_LETTER_REASONS = ("non_utf8_id", "missing_record", "wrong_type", "bad_record", "bad_field")
+DEAD_LETTER_REASONS = ("non_utf8_id", "bad_id", "missing_record", "wrong_type", "bad_record", "bad_field")
+
+_PREFIXES = {
+    "%AW%": keys.PREFIX + ":", "%INPROG%": jobs.in_progress_key(""), "%ATTEMPT%": keys.job_attempt(""),
+    "%JOB%": jobs.job_key(""), "%RETRY%": jobs.retry_key(""),
+}
+
+
+@cache
+def lua_source(name: str) -> str:
+    """A script of ``agentworker/lua``: the worker-side ones with the shared functions prepended and the
+    key prefixes filled in. ``enqueue`` is the producers' script, self-contained, as shipped."""
+    text = resources.files("agentworker").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    if name in ("claim", "finish", "release", "renew"):  # (depth, limits: names from the prefixes only)
+        text = resources.files("agentworker").joinpath("lua", "_dispatch.lua").read_text(encoding="utf-8") \
+            + "\n" + text
+    for placeholder, prefix in _PREFIXES.items():
+        text = text.replace(placeholder, prefix)
+    return text
 
 
 def holder_id(pid: int | None = None) -> str:
     """The lease holder name of a worker process: the supervisor computes the same for its children."""
     return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
-
-
-# KEYS: in-progress, queue, job, retry, attempt, held, dead letters, [pending, tenant leases]
-# ARGV: job id, now (ms, the caller's clock: due times are the producer's), lease ttl ms, holder,
-#       max crash retries, tenant cap (0 = none), tenant lease ttl ms, tenant lease member, attempt ttl ms,
-#       retry counter ttl s
-# Returns nil (running elsewhere, gone, or not due), 'cap' (tenant at max_concurrency: left queued),
-# {'dead', reason, score} (moved to the dead letters), or {verdict, score, record, try, crashes, crashed}
-# with verdict 'run' or 'poisoned' (crashed: 1 if this claim found the last attempt's worker dead).
-CLAIM_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local kind = redis.call('TYPE', KEYS[3])['ok']
-if kind ~= 'string' then
-  local reason = 'wrong_type'
-  local detail = 'the job record ' .. KEYS[3] .. ' is a Redis ' .. kind .. ', not a string'
-  if kind == 'none' then
-    reason = 'missing_record'
-    detail = 'the job record ' .. KEYS[3] .. ' does not exist (expired or deleted)'
-  end
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  if KEYS[8] then redis.call('ZREM', KEYS[8], ARGV[1]) end
-  redis.call('HSET', KEYS[7], ARGV[1], cjson.encode({reason = reason, detail = detail, queue = KEYS[2],
-                                                     score = tonumber(score), ts = now}))
-  return {'dead', reason, score}
-end
-local limit = tonumber(ARGV[6])
-if limit > 0 and KEYS[9] then
-  local ttl = tonumber(ARGV[7])
-  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
-  if redis.call('ZCARD', KEYS[9]) >= limit then return 'cap' end
-  redis.call('ZADD', KEYS[9], now + ttl, ARGV[8])
-  redis.call('PEXPIRE', KEYS[9], ttl * 2)
-end
-local lease = tonumber(ARGV[3])
-redis.call('SET', KEYS[1], ARGV[4], 'PX', lease)
-redis.call('SADD', KEYS[6], ARGV[1])
-redis.call('PEXPIRE', KEYS[6], lease * 3)
-if KEYS[8] then redis.call('ZREM', KEYS[8], ARGV[1]) end
-local tries = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
-local crashes = tonumber(redis.call('HGET', KEYS[5], 'crashes') or '0') or 0
-local crashed = 0
-if redis.call('HEXISTS', KEYS[5], 'holder') == 1 then
-  crashed = 1
-  -- the last attempt never finished: its worker died. That is a crash, and its try is given back.
-  crashes = redis.call('HINCRBY', KEYS[5], 'crashes', 1)
-  if tries > 0 then tries = tries - 1 end
-end
-redis.call('HSET', KEYS[5], 'holder', ARGV[4], 'since', now)
-redis.call('PEXPIRE', KEYS[5], ARGV[9])
-local record = redis.call('GET', KEYS[3])
-if crashes > tonumber(ARGV[5]) then
-  return {'poisoned', score, record, math.max(tries, 1), crashes, crashed}
-end
-tries = tries + 1
-redis.call('SET', KEYS[4], tries, 'EX', ARGV[10])
-return {'run', score, record, tries, crashes, crashed}
-"""
-
-# KEYS: in-progress, result, retry, job, abort set, queue, attempt, held, [tenant leases]
-# ARGV: job id, holder, mode ('done' | 'retry' | 'requeue'), result ('' = none), result ttl ms ('' = keep
-#       forever), score increment for 'retry' ('' = run again at its old score), tenant lease member
-# 'done' ends the job (ARQ's finished job: result written, job, retry and in-progress keys gone, out of
-# the queue); 'retry' leaves it queued for another try, re-scored; 'requeue' leaves it queued to run
-# again at once without spending a try (cancelled by a drain). Returns 0 if the lease is another
-# holder's (nothing is written but our own bookkeeping), else 1.
-FINISH_LUA = """
-redis.call('SREM', KEYS[8], ARGV[1])
-if KEYS[9] then redis.call('ZREM', KEYS[9], ARGV[7]) end
-local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= ARGV[2] then return 0 end
-local mode = ARGV[3]
-if mode == 'done' then
-  if ARGV[4] ~= '' then
-    if ARGV[5] == '' then redis.call('SET', KEYS[2], ARGV[4])
-    else redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5]) end
-  end
-  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[7])
-  redis.call('ZREM', KEYS[5], ARGV[1])
-  redis.call('ZREM', KEYS[6], ARGV[1])
-  return 1
-end
-redis.call('DEL', KEYS[1])
-redis.call('HDEL', KEYS[7], 'holder')
-if mode == 'retry' then
-  if ARGV[6] ~= '' then redis.call('ZINCRBY', KEYS[6], ARGV[6], ARGV[1]) end
-else
-  local tries = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
-  if tries > 0 then redis.call('SET', KEYS[3], tries - 1, 'KEEPTTL') end
-end
-return 1
-"""
-
-# KEYS: held, then per job its in-progress key and its job key, then the tenant lease keys
-# ARGV: holder, job lease ttl ms, number of jobs, tenant lease ttl ms, the job ids, the tenant lease members
-# Renews what is still ours; re-takes a lease that lapsed while nobody took the job over (its record is
-# still there); returns the ids of jobs another holder has taken, or that are gone.
-RENEW_LUA = """
-local holder, ttl, n, tenant_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local lost = {}
-for i = 1, n do
-  local lease, record = KEYS[2 * i], KEYS[2 * i + 1]
-  local owner = redis.call('GET', lease)
-  if owner == holder then
-    redis.call('PEXPIRE', lease, ttl)
-  elseif not owner and redis.call('EXISTS', record) == 1 then
-    redis.call('SET', lease, holder, 'PX', ttl)
-  else
-    table.insert(lost, ARGV[4 + i])
-  end
-end
-if n > 0 then redis.call('PEXPIRE', KEYS[1], ttl * 3) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for j = 2 * n + 2, #KEYS do
-  redis.call('ZADD', KEYS[j], 'XX', now + tenant_ttl, ARGV[4 + n + (j - 2 * n - 1)])
-  redis.call('PEXPIRE', KEYS[j], tenant_ttl * 2)
-end
-return lost
-"""
-
-# KEYS: held. ARGV: holder, in-progress key prefix, tenant lease key prefix, wake-up channel.
-# Drops a dead holder's job leases (only those still its own) and its tenant leases, forgets its held set,
-# and wakes the pool so the jobs run again now. Returns how many job leases were released.
-RELEASE_HOLDER_LUA = """
-local released = 0
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local lease = ARGV[2] .. id
-  if redis.call('GET', lease) == ARGV[1] then
-    redis.call('DEL', lease)
-    released = released + 1
-  end
-  local tenant = string.match(id, '^([^:]+):')
-  if tenant then redis.call('ZREM', ARGV[3] .. tenant, id .. '@' .. ARGV[1]) end
-end
-redis.call('DEL', KEYS[1])
-if released > 0 then redis.call('PUBLISH', ARGV[4], '*') end
-return released
-"""
-
-# KEYS: queue, dead letters, in-progress, attempt, held, [pending, tenant leases]
-# ARGV: raw job id, dead-letter record (JSON), holder, tenant lease member
-# Moves the entry from its queue to the dead letters once (returns 0 if it is no longer queued), and
-# drops the claim that found it unreadable.
-DEAD_LETTER_LUA = """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
-redis.call('DEL', KEYS[4])
-redis.call('SREM', KEYS[5], ARGV[1])
-if KEYS[6] then redis.call('ZREM', KEYS[6], ARGV[1]) end
-if KEYS[7] then redis.call('ZREM', KEYS[7], ARGV[4]) end
-return 1
-"""
 
 
 def dead_letter_record(*, reason: str, detail: str, queue: str, score: float) -> bytes:
@@ -219,6 +97,45 @@ def dead_letter_record(*, reason: str, detail: str, queue: str, score: float) ->
 
 async def release_holder(redis: Redis, holder: str, pool: str) -> int:
     """Release every job lease of a dead worker process at once; return how many it held."""
-    released = await redis.eval(RELEASE_HOLDER_LUA, 1, keys.held_jobs(holder), holder,  # type: ignore[misc]
-                                jobs.in_progress_key(""), keys.tenant_leases(""), keys.wakeup_channel(pool))
+    released = await redis.eval(lua_source("release"), 1, keys.held_jobs(holder), holder,  # type: ignore[misc]
+                                keys.wakeup_channel(pool))
     return int(released)
+
+
+def limits_fields(config: QuotaConfig, pool: str) -> dict[str, str]:
+    """What the claim script reads of the tenants of ``pool``: ``"{max_concurrency} {weight} {max_pending}"``
+    (0 and -1 for none) per tenant the file names, and ``*`` for the others."""
+
+    def value(tenant: str | None) -> str:
+        limits = config.limits_of(tenant) if tenant is not None else config.tenant_defaults
+        pending = -1 if limits.max_pending is None else limits.max_pending
+        return f"{limits.max_concurrency or 0} {limits.weight or 1:g} {pending}"
+
+    fields = {tenant: value(tenant) for tenant in config.tenants if config.pool_of(tenant) == pool}
+    fields["*"] = value(None)
+    return fields
+
+
+def quota_file_version(path: str | os.PathLike[str] | None) -> int:
+    """The version of a quota file's limits: its modification time in ms (a ConfigMap update writes a new
+    file, so newer content has a later time; restarting a process does not change it)."""
+    if path is None:
+        return 0
+    try:
+        return int(os.stat(path).st_mtime * 1000)
+    except OSError:
+        return 0
+
+
+async def publish_limits(redis: Redis, config: QuotaConfig, pool: str, version_ms: int) -> bool:
+    """Publish the pool's tenant limits for the claim script; False if a newer quota file's are kept.
+
+    Every worker publishes its pool's at start and on reload, the supervisor all pools' with the routing
+    table; the newest file (by :func:`quota_file_version`) wins, so two supervisors mid-rollout with
+    different files do not flip each other's limits back and forth."""
+    fields = limits_fields(config, pool)
+    digest = hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=16).hexdigest()
+    flat = [item for pair in sorted(fields.items()) for item in pair]
+    written = await redis.eval(lua_source("limits"), 1, keys.tenant_limits(pool), str(version_ms),  # type: ignore[misc]
+                               digest, *flat)
+    return bool(written)

@@ -13,8 +13,51 @@ ROUTING = PREFIX + ":routing"
 
 
 def queue(pool: str, shard: int) -> str:
-    """The ARQ queue (a sorted set of job ids scored by due time in ms) of one shard of a pool."""
+    """The name of one shard of a pool. It is also the shard's *inbox*: a sorted set of job ids scored by
+    due time (ms), where a plain ARQ producer's ``enqueue_job`` puts jobs; workers adopt them into their
+    tenants' queues (see docs/protocol.md). Our own enqueue script writes the tenant queue directly."""
     return QUEUE_FORMAT.format(pool=pool, shard=shard)
+
+
+def shard_id(pool: str, shard: int) -> str:
+    """``{pool}:{shard}``: the part every per-shard key below ends with (scripts build names from it)."""
+    return f"{pool}:{shard}"
+
+
+def tenant_queue(pool: str, shard: int, tenant_id: str) -> str:
+    """Sorted set of one tenant's queued (not running) job ids in one shard, scored by due time (ms)."""
+    return f"{PREFIX}:tq:{pool}:{shard}:{tenant_id}"
+
+
+def ready_tenants(pool: str, shard: int) -> str:
+    """Sorted set of the shard's tenants whose first job is due, scored by their virtual time."""
+    return f"{PREFIX}:ready:{pool}:{shard}"
+
+
+def waiting_tenants(pool: str, shard: int) -> str:
+    """Sorted set of the shard's tenants whose first job is not due yet, scored by its due time (ms)."""
+    return f"{PREFIX}:waiting:{pool}:{shard}"
+
+
+def capped_tenants(pool: str, shard: int) -> str:
+    """Sorted set of the shard's tenants at their max_concurrency, scored by when to look again (ms)."""
+    return f"{PREFIX}:capped:{pool}:{shard}"
+
+
+def running_jobs(pool: str, shard: int) -> str:
+    """Sorted set of the shard's running job ids, scored by their lease deadline (ms, Redis clock)."""
+    return f"{PREFIX}:running:{pool}:{shard}"
+
+
+def virtual_clock(pool: str, shard: int) -> str:
+    """The shard's virtual time: where a tenant that becomes ready starts."""
+    return f"{PREFIX}:vclock:{pool}:{shard}"
+
+
+def tenant_limits(pool: str) -> str:
+    """Hash of the limits the claim script reads: tenant -> ``"{max_concurrency} {weight} {max_pending}"``
+    (0 = none), ``*`` for tenants the file does not name, ``_version`` / ``_digest`` of the file."""
+    return f"{PREFIX}:limits:{pool}"
 
 
 def event_channel(tenant_id: str) -> str:

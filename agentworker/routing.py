@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentworker import keys
-from agentworker.config import NAME_PATTERN, QuotaConfig
+from agentworker.config import NAME_PATTERN, QuotaConfig, TenantLimits
 
 _TENANT_RE = re.compile(NAME_PATTERN)
 _MASK64 = (1 << 64) - 1
@@ -79,6 +79,11 @@ class Route:
     shard: int
     queue: str
 
+    @property
+    def tenant_queue(self) -> str:
+        """The sorted set holding this tenant's queued jobs inside its shard (see docs/protocol.md)."""
+        return keys.tenant_queue(self.pool, self.shard, self.tenant_id)
+
 
 def route_tenant(config: QuotaConfig, tenant_id: str) -> Route:
     """Where the jobs of ``tenant_id`` go under ``config``."""
@@ -88,14 +93,23 @@ def route_tenant(config: QuotaConfig, tenant_id: str) -> Route:
     return Route(tenant_id=tenant_id, pool=pool, shard=shard, queue=keys.queue(pool, shard))
 
 
+#: the format of the published routing table. Versions only add keys (a key never changes meaning), so a
+#: reader accepts any version from the first that has what it needs; 2 added the tenants' limits.
+ROUTING_TABLE_VERSION = 2
+
+
 def routing_table(config: QuotaConfig) -> dict[str, Any]:
-    """The routing table the supervisor publishes at ``agentworker:routing`` (JSON).
+    """The routing table the supervisor publishes at ``agentworker:routing`` (JSON; docs/protocol.md).
 
     It carries the rule's parameters (pools and their shard counts, explicit tenant pools) rather than
-    a line per tenant, since the tenant set is open: any valid id routes to the default pool.
+    a line per tenant, since the tenant set is open: any valid id routes to the default pool. With them
+    come the limits of each tenant the file names (``tenant_limits``: its own, else ``tenant_defaults``')
+    and of every other tenant (``tenant_defaults``), so a producer in another language passes the same
+    admission limits to the enqueue script as the Python client does. ``tenants`` stays tenant -> pool:
+    :func:`agentworker.rerouting.config_of_routing_table` reads the previous routing back from it.
     """
     return {
-        "version": 1,
+        "version": ROUTING_TABLE_VERSION,
         "rule": "shard = jump_consistent_hash(be_uint64(blake2b_512(utf8(tenant_id))[0:8]), shards)",
         "queue_format": keys.QUEUE_FORMAT,
         "tenant_pattern": NAME_PATTERN,
@@ -107,6 +121,26 @@ def routing_table(config: QuotaConfig) -> dict[str, Any]:
         "tenants": {
             tenant_id: config.pool_of(tenant_id) for tenant_id in sorted(config.tenants)
         },
+        "tenant_limits": {
+            tenant_id: _published_limits(config.limits_of(tenant_id)) for tenant_id in sorted(config.tenants)
+        },
+        "tenant_defaults": _published_limits(config.tenant_defaults),
+    }
+
+
+def _published_limits(limits: TenantLimits) -> dict[str, Any]:
+    """A tenant's limits as producers use them: ``None`` where the file sets none; ``rate_limit`` as the
+    token bucket the enqueue script takes (``count`` tokens refilled over ``period_ms``)."""
+    rate = limits.rate
+    return {
+        "max_pending": limits.max_pending,
+        "rate_limit": None if rate is None else {
+            "count": int(rate.count) if rate.count.is_integer() else rate.count,
+            "period_ms": int(rate.period_s * 1000),
+        },
+        "max_concurrency": limits.max_concurrency,
+        "weight": limits.weight,
+        "job_timeout": limits.job_timeout,
     }
 
 

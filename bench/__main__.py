@@ -1,11 +1,12 @@
 """``python -m bench``: run the benchmarks, print the table, write the JSON.
 
-    python -m bench                       # everything (about seven minutes on a 2-core machine)
+    python -m bench                       # everything (about ten minutes on a 2-core machine)
     python -m bench --quick               # tiny counts: proves the harness works, numbers mean little
     python -m bench --only throughput,latency --systems agentworker,saq
 
 Scenarios: ``throughput`` (a, and d: memory after it), ``latency`` (b), ``restart`` (c), ``metrics`` (e),
-``noisy`` (f), ``crash`` (crash-to-rerun after kill -9). Systems: ``agentworker``, ``arq-default``,
+``noisy`` (f), ``crash`` (crash-to-rerun after kill -9); fairness inside one shard (bench/fair_scenarios.py):
+``noisy-shard``, ``weights``, ``fairness`` (100 tenants), ``claim-cost``. Systems: ``agentworker``, ``arq-default``,
 ``arq-tuned``, ``saq`` (needs ``pip install -e '.[bench]'``; skipped with a note when missing).
 """
 
@@ -24,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import crash_scenario, process_scenarios, scenarios
+from bench import crash_scenario, fair_scenarios, neighbour, process_scenarios, scenarios
 from bench.redis_server import PrivateRedis
 from bench.report import SYSTEMS, Metric, check_targets, table, targets_table, write_json
 from bench.scenarios import Bench, Options
@@ -35,8 +36,12 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "latency": scenarios.latency,
     "restart": process_scenarios.restart,
     "metrics": process_scenarios.metrics_after_restarts,
-    "noisy": scenarios.noisy_neighbour,
+    "noisy": neighbour.noisy_neighbour,
     "crash": crash_scenario.crash_to_rerun,
+    "noisy-shard": fair_scenarios.noisy_shard,
+    "weights": fair_scenarios.weights,
+    "fairness": fair_scenarios.fairness,
+    "claim-cost": fair_scenarios.claim_cost,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,7 +106,9 @@ async def run(args: argparse.Namespace) -> int:
     try:
         for name in args.only:
             print(f"== {name}", flush=True)
+            began = time.monotonic()
             await SCENARIOS[name](bench)
+            print(f"   ({name}: {time.monotonic() - began:.0f} s)", flush=True)
     finally:
         redis.stop()
         if not args.keep:

@@ -17,9 +17,10 @@ TITLES = {"agentworker": "agentworker", "arq-default": "ARQ default", "arq-tuned
 
 @dataclass
 class Target:
-    """A goal for the agentworker value: ``kind`` is ``max`` or ``min`` (an absolute bound), or
+    """A goal for the agentworker value: ``kind`` is ``max`` or ``min`` (an absolute bound),
     ``ratio_min`` / ``ratio_max`` (agentworker / ``against``, where ``against`` is a system key or the
-    metric named in ``against_metric``)."""
+    metric named in ``against_metric``), or ``delta_max`` (agentworker's value minus its value in
+    ``against_metric``, at most ``bound``)."""
 
     kind: str
     bound: float
@@ -32,6 +33,8 @@ class Target:
         if self.kind == "min":
             return f">= {self.bound:g} {unit}"
         other = TITLES.get(self.against or "", self.against_metric or "")
+        if self.kind == "delta_max":
+            return f"<= {other} + {self.bound:g} {unit}"
         return f"{'>=' if self.kind == 'ratio_min' else '<='} {self.bound:g}x {other}"
 
 
@@ -40,7 +43,7 @@ class Metric:
     key: str
     label: str
     unit: str
-    better: str  # "higher" or "lower"
+    better: str  # "higher", "lower", or "closer" (to a value the label names)
     values: dict[str, float | None] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # e.g. "partial: 612/5000 in 30 s", "> 10 s"
     targets: list[Target] = field(default_factory=list)
@@ -80,11 +83,14 @@ def check_targets(metrics: dict[str, Metric]) -> list[dict[str, Any]]:
             elif target.against_metric is not None:
                 other = metrics.get(target.against_metric)
                 theirs = other.values.get("agentworker") if other else None
-                measured = ours / theirs if ours is not None and theirs else None
+                if target.kind == "delta_max":
+                    measured = ours - theirs if ours is not None and theirs is not None else None
+                else:
+                    measured = ours / theirs if ours is not None and theirs else None
             else:
                 measured = metric.ratio(target.against or "")
-            met = None if measured is None else (
-                measured <= target.bound if target.kind in ("max", "ratio_max") else measured >= target.bound)
+            at_most = target.kind in ("max", "ratio_max", "delta_max")
+            met = None if measured is None else (measured <= target.bound if at_most else measured >= target.bound)
             checks.append({"metric": metric.key, "label": metric.label, "target": target.describe(metric.unit),
                            "measured": measured, "met": met})
     return checks
@@ -116,8 +122,8 @@ def table(metrics: dict[str, Metric], systems: tuple[str, ...]) -> str:
     for metric in metrics.values():
         if not any(v is not None or s in metric.notes for s, v in metric.values.items()):
             continue
-        arrow = "↑" if metric.better == "higher" else "↓"
-        row = [f"{metric.label} {arrow}", metric.unit]
+        arrow = {"higher": " ↑", "lower": " ↓"}.get(metric.better, "")  # "closer": to a target in the label
+        row = [f"{metric.label}{arrow}", metric.unit]
         row += [_fmt(metric.values.get(s), metric.notes.get(s)) for s in systems]
         for b in baselines:
             r = metric.ratio(b)

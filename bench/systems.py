@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from agentworker import jobs, keys
 from agentworker.client import AgentWorkerClient
 from agentworker.config import load_config
+from agentworker.job_leases import lua_source
 from agentworker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,7 +146,8 @@ class System(ABC):
 
 
 class AgentWorker(System):
-    """``agentworker run`` with one pool ``bench`` of 10 jobs at once per process, and the real client."""
+    """``agentworker run`` with one pool ``bench`` of 10 jobs at once per process, and the real client;
+    ``tenant_defaults`` and ``tenants`` go to the quota file as they are (caps, weights)."""
 
     key = "agentworker"
     title = "agentworker"
@@ -153,7 +155,8 @@ class AgentWorker(System):
 
     def __init__(self, redis_url: str, workdir: Path, *, processes: int = 1, shards: int = 8,
                  env: dict[str, str] | None = None, title: str | None = None,
-                 tenant_defaults: dict[str, Any] | None = None) -> None:
+                 tenant_defaults: dict[str, Any] | None = None,
+                 tenants: dict[str, dict[str, Any]] | None = None) -> None:
         super().__init__(redis_url, workdir)
         self.processes = processes
         self.shards = shards
@@ -166,11 +169,12 @@ class AgentWorker(System):
             "pools": {"bench": {"shards": shards, "processes": processes, "concurrency": CONCURRENCY,
                                 "job_timeout": 60, "max_tries": 3, "memory_limit_mb": 4096,
                                 "max_jobs_per_process": 10_000_000}},
-            "tenants": {},
+            "tenants": tenants or {},
             **({"tenant_defaults": tenant_defaults} if tenant_defaults else {}),
         }))
         self.config = load_config(self.config_path)
         self.client = AgentWorkerClient(self.redis, self.config, Settings(redis_url=redis_url))
+        self._depth = self.redis.register_script(lua_source("depth"))
         self.port = 0
         self.metrics_dir = workdir / f"metrics-{id(self)}"
         self.http: aiohttp.ClientSession | None = None
@@ -266,11 +270,20 @@ class AgentWorker(System):
         return job.job_id
 
     async def remaining(self) -> int:
+        """Queued jobs (every tenant queue and the inbox of each shard, read by the supervisor's own depth
+        script) plus running ones: a claimed job leaves its tenant queue for the shard's running set."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in range(self.shards):
-                pipe.zcard(keys.queue("bench", shard))
-            counts = await pipe.execute()
-        return int(sum(counts))
+                await self._depth(keys=[keys.ready_tenants("bench", shard), keys.waiting_tenants("bench", shard),
+                                        keys.capped_tenants("bench", shard), keys.queue("bench", shard)],
+                                  args=[keys.shard_id("bench", shard), 100_000], client=pipe)
+                pipe.zcard(keys.running_jobs("bench", shard))
+            replies = await pipe.execute()
+        return sum(int(r[1]) if isinstance(r, list) else int(r) for r in replies)
+
+    async def queued(self, tenant: str) -> int:
+        """Jobs of ``tenant`` queued (not running) in its shard."""
+        return int(await self.redis.zcard(keys.tenant_queue("bench", self.route_shard(tenant), tenant)))
 
     async def timings(self, refs: list[str]) -> dict[str, JobTiming]:
         found: dict[str, JobTiming] = {}

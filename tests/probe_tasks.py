@@ -110,3 +110,11 @@ async def probe_suicide(ctx: JobContext, tenant_id: str, deaths: int = -1) -> in
     if deaths < 0 or n <= deaths:
         os.kill(os.getpid(), signal.SIGKILL)
     return n
+
+
+@task()
+async def probe_started(ctx: JobContext, tenant_id: str, seconds: float = 0.0, log: str = "starts") -> int:
+    """Append the tenant to ``probe:{log}`` as the job starts (the order of starts), then sleep."""
+    position = int(await ctx.redis.rpush(f"probe:{log}", tenant_id))
+    await asyncio.sleep(seconds)
+    return position

@@ -30,7 +30,7 @@ async def test_enqueue_writes_an_arq_json_job_on_the_tenant_queue(redis: Redis, 
         assert job.job_id == "acme:echo:k1"
         route = client.route("acme")
         assert job.route == route
-        assert await redis.zscore(route.queue, job.job_id) is not None
+        assert await redis.zscore(route.tenant_queue, job.job_id) is not None
         record = jobs.loads(await redis.get(jobs.job_key(job.job_id)))
         assert record["f"] == "echo"
         assert record["k"] == {"message": "hi", "tenant_id": "acme"}
@@ -45,7 +45,7 @@ async def test_same_idempotency_key_enqueues_once(redis: Redis, redis_url: str, 
         second = await client.enqueue("echo", tenant_id="acme", payload={"message": "b"}, idempotency_key="same")
         assert first.created and not second.created
         assert second.job_id == first.job_id
-        assert await redis.zcard(client.route("acme").queue) == 1
+        assert await redis.zcard(client.route("acme").tenant_queue) == 1
         assert jobs.loads(await redis.get(jobs.job_key(first.job_id)))["k"]["message"] == "a"
         # A different tenant with the same key is a different job.
         other = await client.enqueue("echo", tenant_id="globex", payload={}, idempotency_key="same")
@@ -64,7 +64,7 @@ async def test_max_pending_rejects_and_enqueues_nothing(redis: Redis, redis_url:
     async with make_client(redis_url, path) as client:
         for i in range(3):
             await client.enqueue("echo", tenant_id="small", idempotency_key=f"k{i}")
-        queue = client.route("small").queue
+        queue = client.route("small").tenant_queue
         before = await redis.zcard(queue)
         with pytest.raises(QuotaExceeded) as info:
             await client.enqueue("echo", tenant_id="small", idempotency_key="k3")
@@ -94,7 +94,7 @@ async def test_rate_limit_rejects_past_the_bucket(redis: Redis, redis_url: str,
         assert info.value.limit == "rate_limit"
         assert info.value.retry_after is not None and 0 < info.value.retry_after <= 720
         assert "5/h" in str(info.value)
-        assert await redis.zcard(client.route("chatty").queue) == 5
+        assert await redis.zcard(client.route("chatty").tenant_queue) == 5
         assert await redis.get(jobs.job_key("chatty:echo:over")) is None
 
 

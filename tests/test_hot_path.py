@@ -49,3 +49,32 @@ async def test_a_redis_outage_fails_every_waiting_event_and_the_next_write_retri
         assert await redis.xlen(keys.event_stream("acme")) == 1
     finally:
         await dead.aclose()
+
+
+async def test_script_calls_of_one_loop_turn_share_one_round_trip_and_keep_their_own_replies(
+        redis: Redis) -> None:
+    from agentworker.pools.batching import ScriptBatcher
+
+    script = redis.register_script("if ARGV[1] == 'bad' then return redis.error_reply('bad one') end "
+                                   "return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    batcher = ScriptBatcher(redis, script)
+    assert await batcher(keys=["warm"], args=[1]) == 1  # the first call loads the script
+    await redis.config_resetstat()
+    replies = await asyncio.gather(*(batcher(keys=[f"n{i % 3}"], args=[i]) for i in range(30)),
+                                   batcher(keys=["n0"], args=["bad"]), return_exceptions=True)
+    assert isinstance(replies[-1], ResponseError) and "bad one" in str(replies[-1])
+    assert replies[:30] == [sum(range(i % 3, i + 1, 3)) for i in range(30)], "each caller gets its own reply"
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 31, "every call ran once"
+    assert "cmdstat_script" not in stats, "no SCRIPT EXISTS with each batch"
+    assert await batcher(keys=["alone"], args=[5]) == 5
+
+
+async def test_batched_script_calls_survive_a_redis_that_lost_the_script(redis: Redis) -> None:
+    from agentworker.pools.batching import ScriptBatcher
+
+    script = redis.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    batcher = ScriptBatcher(redis, script)
+    assert await asyncio.gather(batcher(keys=["a"], args=[1]), batcher(keys=["a"], args=[1])) == [1, 2]
+    await redis.script_flush()  # as after a Redis restart
+    assert sorted(await asyncio.gather(*(batcher(keys=["a"], args=[1]) for _ in range(3)))) == [3, 4, 5]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,14 +19,19 @@ from arq.worker import Retry, func
 from redis.asyncio import Redis
 
 from agentworker import jobs, keys
-from agentworker.config import PoolQuota
-from agentworker.job_leases import release_holder
+from agentworker.admission import Enqueuer
+from agentworker.config import PoolQuota, QuotaConfig
+from agentworker.job_leases import publish_limits, release_holder
 from agentworker.pools.arq_internals import ShardWorker
 from agentworker.pools.gate import ConcurrencyGate
 from agentworker.pools.leases import Leases
 from agentworker.tasks.envelope import FinalFailure
 
-QUEUE = keys.queue("standard", 0)
+QUEUE = keys.queue("standard", 0)  # the shard's inbox (what a plain ARQ producer writes)
+
+
+def tenant_queue(tenant: str = "acme") -> str:
+    return keys.tenant_queue("standard", 0, tenant)
 
 
 class Harness:
@@ -39,6 +45,7 @@ class Harness:
         self.release = asyncio.Event()
         self.quota = PoolQuota(max_crash_retries=max_crash_retries, max_tries=max_tries, concurrency=concurrency)
         self.leases = Leases(redis, job_ttl_s=2, tenant_ttl_s=30, holder=holder)
+        self.cap = cap
 
         async def echo(ctx: dict[str, Any], **payload: Any) -> Any:
             self.ran.append(ctx["job_id"])
@@ -66,7 +73,17 @@ class Harness:
             job_deserializer=jobs.WorkerJobDecoder({"echo", "block", "again"}), ctx={})
 
     async def poll(self) -> None:
+        if self.cap is not None:
+            config = QuotaConfig.model_validate({"pools": {"standard": {"shards": 1}},
+                                                 "tenant_defaults": {"max_concurrency": self.cap}})
+            await publish_limits(self.worker.pool, config, "standard", 1)
         await self.worker._poll_once()
+
+    async def claim_only(self, job_id: str) -> list[Any]:
+        """Claim (as a worker about to die would) without running: the claim's entry for ``job_id``."""
+        entries = await self.worker._claim_batch(1)
+        assert [e[1].decode() for e in entries] == [job_id], entries
+        return list(entries[0])
 
     async def settle(self) -> None:
         await self.worker.wait_idle()
@@ -74,9 +91,10 @@ class Harness:
 
 async def _enqueue(redis: Redis, job_id: str, task: str = "echo", score: int = 1000, **payload: Any) -> None:
     tenant = job_id.split(":")[0]
-    await redis.set(jobs.job_key(job_id), jobs.encode_job(task, {"tenant_id": tenant, **payload}, score),
-                    px=600_000)
-    await redis.zadd(QUEUE, {job_id: score})
+    await Enqueuer(redis).enqueue(
+        job_id=job_id, tenant_id=tenant, pool="standard", shard=0,
+        job_bytes=jobs.encode_job(task, {"tenant_id": tenant, **payload}, score), score_ms=score,
+        expires_ms=600_000, max_pending=None, rate=None)
 
 
 async def _wait(condition: Callable[[], Awaitable[bool] | bool], timeout: float = 5) -> None:
@@ -116,7 +134,8 @@ async def test_a_claim_is_a_short_lease_named_after_its_holder_and_listed_under_
     for key in (lease, jobs.job_key("acme:block:1"), jobs.retry_key("acme:block:1"),
                 keys.job_attempt("acme:block:1"), keys.held_jobs("host-a:1")):
         assert not await arq_redis.exists(key), key
-    assert await arq_redis.zcard(QUEUE) == 0
+    assert await arq_redis.zcard(tenant_queue()) == 0
+    assert await arq_redis.zcard(keys.running_jobs("standard", 0)) == 0
 
 
 async def test_renewal_keeps_a_running_jobs_lease_alive_past_its_ttl(arq_redis: ArqRedis) -> None:
@@ -138,7 +157,7 @@ async def test_a_released_dead_holders_job_runs_again_at_once_without_spending_a
     await _enqueue(arq_redis, "acme:block:1", task="block")
     # The worker claims the job and dies running it (kill -9: nothing of it runs any more). Its supervisor
     # reaps it and releases its leases.
-    await dead.worker._claim_one("acme:block:1", "acme")
+    await dead.claim_only("acme:block:1")
     assert await arq_redis.get(jobs.retry_key("acme:block:1")) == b"1"
     assert await release_holder(arq_redis, "host-a:1", "standard") == 1
     assert not await arq_redis.exists(jobs.in_progress_key("acme:block:1"))
@@ -168,7 +187,7 @@ async def test_release_only_drops_leases_still_held_by_the_dead_holder(arq_redis
 
 async def _crash_once(redis: ArqRedis, holder: str, job_id: str, *, max_crash_retries: int) -> None:
     """Claim the job as ``holder`` and die running it; the supervisor releases the lease."""
-    reply = await Harness(redis, holder, max_crash_retries=max_crash_retries).worker._claim_one(job_id, "acme")
+    reply = await Harness(redis, holder, max_crash_retries=max_crash_retries).claim_only(job_id)
     assert reply[0] == b"run"
     assert await release_holder(redis, holder, "standard") == 1
 
@@ -189,7 +208,7 @@ async def test_a_job_whose_worker_dies_past_max_crash_retries_is_poisoned(arq_re
     result = json.loads(await arq_redis.get(jobs.result_key("acme:block:p")))
     assert result["s"] is False and result["r"]["error"] == "JobPoisoned"
     assert result["t"] == 1, "crashes spent no try"
-    assert await arq_redis.zcard(QUEUE) == 0
+    assert await arq_redis.zcard(tenant_queue()) == 0
     assert not await arq_redis.exists(keys.job_attempt("acme:block:p"))
 
 
@@ -206,7 +225,8 @@ async def test_a_finish_after_another_worker_took_the_job_over_writes_nothing(ar
     assert await arq_redis.get(jobs.in_progress_key("acme:block:1")) == b"host-b:2"
     assert not await arq_redis.exists(jobs.result_key("acme:block:1"))
     assert await arq_redis.exists(jobs.job_key("acme:block:1"))
-    assert await arq_redis.zscore(QUEUE, "acme:block:1") == 1000
+    assert await arq_redis.zscore(keys.running_jobs("standard", 0), "acme:block:1") is not None, \
+        "still the new holder's"
 
 
 async def test_renewal_stops_a_job_whose_lease_another_worker_took(arq_redis: ArqRedis) -> None:
@@ -222,16 +242,24 @@ async def test_renewal_stops_a_job_whose_lease_another_worker_took(arq_redis: Ar
     assert await arq_redis.get(jobs.in_progress_key("acme:block:1")) == b"host-b:2", "the new holder's lease stays"
 
 
-async def test_a_lapsed_lease_nobody_took_is_taken_back_by_its_holder(arq_redis: ArqRedis) -> None:
+async def test_a_lapsed_lease_is_lost_and_the_job_goes_back_to_its_tenants_queue(arq_redis: ArqRedis) -> None:
     h = Harness(arq_redis, "host-a:1")
     await _enqueue(arq_redis, "acme:block:1", task="block")
     await h.poll()
     await _wait(lambda: h.ran == ["acme:block:1"])
-    await arq_redis.delete(jobs.in_progress_key("acme:block:1"))  # lapsed during a Redis blip
-    assert await h.leases.renew_all() == []
-    assert await arq_redis.get(jobs.in_progress_key("acme:block:1")) == b"host-a:1"
+    await arq_redis.delete(jobs.in_progress_key("acme:block:1"))  # lapsed: the loop stalled past the TTL
+    await arq_redis.zadd(keys.running_jobs("standard", 0), {"acme:block:1": 1})  # its deadline passed
+    assert await h.leases.renew_all() == ["acme:block:1"], "a lapsed lease is not taken back"
+    other = Harness(arq_redis, "host-b:2")
+    await other.poll()  # the next claim finds the lapsed lease and puts the job back: then runs it
+    await _wait(lambda: other.ran == ["acme:block:1"])
+    assert await arq_redis.hget(keys.job_attempt("acme:block:1"), "crashes") == b"1"
+    assert h.worker.lease_lost("acme:block:1")
+    other.release.set()
     h.release.set()
     await h.settle()
+    await other.settle()
+    assert json.loads(await arq_redis.get(jobs.result_key("acme:block:1")))["s"] is True
 
 
 async def test_a_drained_job_runs_again_at_once_without_spending_a_try(arq_redis: ArqRedis) -> None:
@@ -244,7 +272,7 @@ async def test_a_drained_job_runs_again_at_once_without_spending_a_try(arq_redis
     assert not await arq_redis.exists(jobs.in_progress_key("acme:block:1"))
     assert await arq_redis.get(jobs.retry_key("acme:block:1")) == b"0"
     assert not await arq_redis.hexists(keys.job_attempt("acme:block:1"), "holder"), "a drain is not a crash"
-    assert await arq_redis.zscore(QUEUE, "acme:block:1") == 1000, "it keeps its place"
+    assert await arq_redis.zscore(tenant_queue(), "acme:block:1") == 1000, "it keeps its place"
     again = Harness(arq_redis, "host-b:2")
     await again.poll()
     await _wait(lambda: again.ran == ["acme:block:1"])
@@ -258,8 +286,9 @@ async def test_retry_re_scores_the_job_and_counts_the_try(arq_redis: ArqRedis) -
     await _enqueue(arq_redis, "acme:again:1", task="again")
     await h.poll()
     await h.settle()
-    score = await arq_redis.zscore(QUEUE, "acme:again:1")
-    assert score is not None and score > 1000 + 50_000
+    score = await arq_redis.zscore(tenant_queue(), "acme:again:1")
+    assert score is not None and score > time.time() * 1000 + 50_000
+    assert await arq_redis.zscore(keys.waiting_tenants("standard", 0), "acme") == score, "waiting for it"
     assert await arq_redis.get(jobs.retry_key("acme:again:1")) == b"1"
     assert not await arq_redis.exists(jobs.in_progress_key("acme:again:1"))
 
@@ -299,8 +328,9 @@ async def test_every_unreadable_entry_is_dead_lettered_once_and_the_job_behind_r
         await arq_redis.zadd(QUEUE, {job_id: score})
     await _enqueue(arq_redis, "acme:echo:good", score=200, message="behind them")
     h = Harness(arq_redis, "host-a:1")
-    await h.poll()
-    await h.settle()
+    for _ in range(3):  # a claim adopts and takes a batch at a time (5 here)
+        await h.poll()
+        await h.settle()
     assert h.ran == ["acme:echo:good"]
     assert json.loads(await arq_redis.get(jobs.result_key("acme:echo:good")))["r"] == "behind them"
     expected = [("non_utf8_id", "acme:echo:\\xff\\xfe"), *UNREADABLE]
@@ -313,6 +343,7 @@ async def test_every_unreadable_entry_is_dead_lettered_once_and_the_job_behind_r
         assert json.loads(await arq_redis.get(jobs.result_key(job_id)))["r"]["error"] == "JobUnreadable"
         assert not await arq_redis.exists(jobs.in_progress_key(job_id)), job_id
     assert await arq_redis.zcard(QUEUE) == 0, "each moved once, out of the queue"
+    assert await arq_redis.zcard(tenant_queue()) == 0
     assert not await arq_redis.smembers(keys.held_jobs("host-a:1"))
     assert {f.reason for f in h.failures} == {"unreadable"}
     # A second worker finds nothing more to move.

@@ -15,6 +15,7 @@ from agentworker.routing import (
     jump_consistent_hash,
     route_tenant,
     routing_table,
+    routing_table_json,
     shard_of,
     tenant_hash_key,
     validate_tenant_id,
@@ -122,6 +123,42 @@ def test_routing_table_lists_pools_queues_and_explicit_tenants() -> None:
     config = parse_config({"pools": {"standard": {"shards": 3}, "premium": {"shards": 1}},
                            "tenants": {"acme": {"pool": "premium"}}})
     table = routing_table(config)
+    assert table["version"] == 2
     assert table["default_pool"] == "standard"
     assert table["pools"]["standard"]["queues"] == [f"agentworker:queue:standard:{i}" for i in range(3)]
+    # tenant -> pool, unchanged since version 1 (agentworker.rerouting reads the previous routing from it)
     assert table["tenants"] == {"acme": "premium"}
+    assert set(table["tenant_limits"]) == {"acme"}
+
+
+def test_routing_table_carries_each_tenants_limits_and_the_defaults() -> None:
+    config = parse_config({
+        "pools": {"standard": {"shards": 4, "job_timeout": 300}, "premium": {"shards": 2}},
+        "tenant_defaults": {"max_pending": 100, "rate_limit": "600/m"},
+        "tenants": {
+            "acme": {"pool": "premium", "max_concurrency": 10, "max_pending": 1000, "job_timeout": 120,
+                     "rate_limit": "50/s", "weight": 2},
+            "solo": {"max_concurrency": 3},   # the rest from tenant_defaults
+            "half": {"rate_limit": "2.5/s"},
+        },
+    })
+    table = routing_table(config)
+    assert table["tenants"] == {"acme": "premium", "solo": "standard", "half": "standard"}
+    limits = table["tenant_limits"]
+    assert limits["acme"] == {"max_pending": 1000, "max_concurrency": 10, "weight": 2, "job_timeout": 120,
+                              "rate_limit": {"count": 50, "period_ms": 1000}}
+    assert limits["solo"] == {"max_pending": 100, "max_concurrency": 3, "weight": None, "job_timeout": None,
+                              "rate_limit": {"count": 600, "period_ms": 60_000}}
+    assert limits["half"]["rate_limit"] == {"count": 2.5, "period_ms": 1000}
+    assert table["tenant_defaults"] == {"max_pending": 100, "max_concurrency": None,
+                                        "rate_limit": {"count": 600, "period_ms": 60_000}, "weight": None,
+                                        "job_timeout": None}
+    # What is published is what the Python client passes to the enqueue script.
+    for tenant in ("acme", "solo", "half"):
+        own = config.limits_of(tenant)
+        assert limits[tenant]["max_pending"] == own.max_pending
+        assert own.rate is not None
+        assert limits[tenant]["rate_limit"]["count"] == own.rate.count
+        assert limits[tenant]["rate_limit"]["period_ms"] == int(own.rate.period_s * 1000)
+    # JSON all the way (what the supervisor writes to Redis).
+    assert json.loads(routing_table_json(config)) == table

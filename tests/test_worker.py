@@ -157,7 +157,7 @@ async def test_malformed_jobs_fail_with_a_reason_and_the_worker_goes_on(
     await worker.wait_serving()
     config = load_config(quota_file)
     route = route_tenant(config, "acme")
-    wrong_queue = keys.queue("standard", (route.shard + 1) % 4)
+    wrong_shard = (route.shard + 1) % 4
     enqueuer = Enqueuer(redis)
     now = int(time.time() * 1000)
 
@@ -166,7 +166,7 @@ async def test_malformed_jobs_fail_with_a_reason_and_the_worker_goes_on(
         await redis.zadd(queue, {job_id: now})
 
     # Misrouted: a valid job placed on another shard's queue.
-    await enqueuer.enqueue(job_id="acme:echo:misrouted", tenant_id="acme", pool="standard", queue=wrong_queue,
+    await enqueuer.enqueue(job_id="acme:echo:misrouted", tenant_id="acme", pool="standard", shard=wrong_shard,
                            job_bytes=jobs.encode_job("echo", {"tenant_id": "acme", "message": "x"}, now),
                            score_ms=now, expires_ms=60_000, max_pending=None, rate=None)
     await raw_job("acme:nope:unknown", jobs.encode_job("nope", {"tenant_id": "acme"}, now))

@@ -15,8 +15,12 @@ Its ``Worker`` loop is replaced, because the promises here cannot be kept inside
   or on a non-UTF-8 id, on every pickup (a wedged job, or a crashed pool). Here anything unreadable is
   moved to the pool's dead letters once, and the loop goes on.
 * Finishing must only happen while the lease is ours, and cost one round trip.
+* ARQ reads a queue as one FIFO and claims job by job (a WATCH/MULTI each). Here a shard holds one
+  queue per tenant and one claim script takes, fairly between tenants, as many jobs as the process has
+  free slots (see ``agentworker/lua/claim.lua``); finishes of one loop turn share a round trip
+  (:mod:`agentworker.pools.batching`).
 
-:class:`ShardWorker` serves one shard queue; the processes's shards share one
+:class:`ShardWorker` serves one shard; the process's shards share one
 :class:`~agentworker.pools.gate.ConcurrencyGate` (the process-wide cap, round-robin between shards), one
 :class:`~agentworker.pools.leases.Leases` and one Redis client. ARQ-named parts it relies on are listed in
 :data:`ARQ_NAMES_RELIED_ON` and checked by ``tests/test_arq_internals.py``.
@@ -41,18 +45,12 @@ from redis.exceptions import RedisError
 
 from agentworker import jobs, keys, metrics
 from agentworker.config import PoolQuota
-from agentworker.job_leases import (
-    ATTEMPT_TTL_MS,
-    CLAIM_LUA,
-    DEAD_LETTER_LUA,
-    FINISH_LUA,
-    RETRY_TTL_S,
-    dead_letter_record,
-)
+from agentworker.job_leases import ATTEMPT_TTL_MS, CAPPED_RECHECK_MS, RETRY_TTL_S, dead_letter_record, lua_source
 from agentworker.logs import get_logger
+from agentworker.pools.batching import ScriptBatcher
 from agentworker.pools.gate import ConcurrencyGate
 from agentworker.pools.leases import Leases
-from agentworker.tasks.envelope import FinalFailure, JobPoisoned, JobTriesExhausted, JobUnreadable
+from agentworker.tasks.envelope import FinalFailure, JobPoisoned, JobRejected, JobTriesExhausted, JobUnreadable
 
 log = get_logger("agentworker.worker")
 
@@ -79,6 +77,14 @@ DeadLettered = Callable[[str, str], None]
 def tenant_of_job_id(job_id: str) -> str | None:
     tenant, sep, _rest = job_id.partition(":")
     return tenant if sep and tenant else None
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _readable(raw: bytes) -> str:
@@ -128,16 +134,21 @@ class ShardWorker:
         self.serialize = job_serializer
         self.deserialize = job_deserializer
         self.ctx: dict[str, Any] = {**ctx, "queue": queue_name, "shard": shard, "redis": redis}
-        self.queue_read_limit = max(100, gate.limit * 5)
+        self.q = keys.shard_id(pool_name, shard)
+        self._shard_keys = [keys.ready_tenants(pool_name, shard), keys.waiting_tenants(pool_name, shard),
+                            keys.capped_tenants(pool_name, shard), keys.running_jobs(pool_name, shard),
+                            keys.virtual_clock(pool_name, shard)]
+        self.running_key = keys.running_jobs(pool_name, shard)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.allow_pick_jobs = True
-        self._claim = redis.register_script(CLAIM_LUA)
-        self._finish = redis.register_script(FINISH_LUA)
-        self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
+        self._claim = redis.register_script(lua_source("claim"))
+        self._finish = ScriptBatcher(redis, redis.register_script(lua_source("finish")))
+        self._dead_letter = redis.register_script(lua_source("dead_letter"))
         self._wakeup = asyncio.Event()
         self._stopped = False
-        self._read_offset = 0
         self._lost: set[str] = set()
+        #: how many jobs the last claim asked for and got: a full batch means more may be waiting
+        self.last_claim: tuple[int, int] = (0, 0)
         self.redis_healthy = True
 
     # -- control ---------------------------------------------------------------------------------------
@@ -191,81 +202,87 @@ class ShardWorker:
             self._wakeup.clear()
 
     async def _poll_once(self) -> bool:
+        """Claim as many jobs as the process has free slots for, in one round trip; True if the batch
+        was full (more jobs may be due: poll again at once)."""
         self._reap()
         if not self.allow_pick_jobs or self.gate.closed:
             return False
-        limit = self.queue_read_limit
-        entries = await self.pool.zrangebyscore(
-            self.queue_name, min=float("-inf"), max=timestamp_ms(), start=self._read_offset, num=limit,
-            withscores=True)
-        skipped = await self.start_jobs(entries)
-        full = len(entries) >= limit
-        # Skipped ids (running, or a tenant at its cap) stay at the head of the queue; read past them next
-        # time so the jobs behind them are seen.
-        self._read_offset = skipped if full and skipped else 0
-        return full and skipped < len(entries)
+        if not await self.gate.acquire(self.shard):
+            return False
+        slots = 1 + self.gate.take_free(self.gate.limit)
+        started = 0
+        try:
+            entries = await self._claim_batch(slots)
+            for entry in entries:
+                started += await self._start(entry, started < slots)
+        finally:
+            for _ in range(slots - started):
+                self.gate.release()
+        self.last_claim = (slots, started)
+        return started >= slots
 
-    async def start_jobs(self, entries: Sequence[tuple[bytes, float]]) -> int:
-        """Claim and start what can run of ``entries`` (id, score); return how many were skipped."""
-        skipped = 0
-        at_cap: set[str] = set()
-        for raw, score in entries:
-            if not self.allow_pick_jobs:
-                break
-            try:
-                job_id = raw.decode()
-            except UnicodeDecodeError:
-                await self._move_to_dead_letters(raw, None, "non_utf8_id", "the job id is not UTF-8", score)
-                continue
-            tenant = tenant_of_job_id(job_id)
-            # Jobs stay in the queue while they run: skip our own without queueing for a slot.
-            if tenant in at_cap or job_id in self.tasks:
-                skipped += 1
-                continue
-            if not await self.gate.acquire(self.shard):
-                break
-            started = False
-            try:
-                reply = await self._claim_one(job_id, tenant)
-                if reply is None:
-                    skipped += 1
-                    continue
-                if reply == b"cap" and tenant is not None:
-                    at_cap.add(tenant)
-                    skipped += 1
-                    self._on_deferred(tenant)
-                    continue
-                verdict = reply[0]
-                if verdict == b"dead":
-                    reason = reply[1].decode()
-                    log.warning("unreadable job moved to the dead letters", job_id=job_id, reason=reason,
-                                queue=self.queue_name)
-                    await self._dead_lettered(job_id, reason, "its job record is missing or not a string")
-                    continue
-                self.tasks[job_id] = task = asyncio.create_task(self.run_job(
-                    job_id, score=int(float(reply[1])), record=reply[2], job_try=int(reply[3]),
-                    crashes=int(reply[4]), crashed=bool(int(reply[5])), poisoned=verdict == b"poisoned"))
-                task.add_done_callback(functools.partial(self._job_finished, job_id=job_id))
-                started = True
-            finally:
-                if not started:
-                    self.gate.release()
-        return skipped
-
-    async def _claim_one(self, job_id: str, tenant: str | None) -> Any:
+    async def _claim_batch(self, slots: int) -> list[Any]:
         quota = self._pool_quota()
-        claim_keys = [jobs.in_progress_key(job_id), self.queue_name, jobs.job_key(job_id), jobs.retry_key(job_id),
-                      keys.job_attempt(job_id), self.leases.held_key, keys.dead_letters(self.pool_name)]
-        cap = 0
-        if tenant is not None:
-            claim_keys += [keys.pending(tenant), keys.tenant_leases(tenant)]
-            cap = self._tenant_cap(tenant) or 0
-        reply = await self._claim(keys=claim_keys, args=[
-            job_id, timestamp_ms(), self.leases.job_ttl_ms, self.leases.holder, quota.max_crash_retries, cap,
-            self.leases.ttl_ms, self.leases.member(job_id), ATTEMPT_TTL_MS, RETRY_TTL_S])
-        if isinstance(reply, list) and reply[0] in (b"run", b"poisoned"):
-            self.leases.track(job_id, tenant if cap and tenant is not None else None)
-        return reply
+        reply = await self._claim(
+            keys=[*self._shard_keys, self.leases.held_key, keys.dead_letters(self.pool_name), self.queue_name,
+                  keys.tenant_limits(self.pool_name)],
+            args=[self.q, slots, self.leases.job_ttl_ms, self.leases.holder, quota.max_crash_retries,
+                  self.leases.ttl_ms, ATTEMPT_TTL_MS, RETRY_TTL_S, CAPPED_RECHECK_MS])
+        entries = list(reply or [])
+        for entry in entries:
+            if entry[0] in (b"run", b"poisoned"):
+                job_id = entry[1].decode(errors="backslashreplace")
+                tenant = tenant_of_job_id(job_id)
+                self.leases.track(job_id, self.running_key, tenant if int(entry[7]) and tenant else None)
+        return entries
+
+    async def _start(self, entry: list[Any], have_slot: bool) -> int:
+        """Act on one entry of a claim's reply; return 1 if it took a slot (a job now running)."""
+        verdict, raw = entry[0], entry[1]
+        if verdict == b"capped":
+            self._on_deferred(raw.decode())
+            return 0
+        if verdict in (b"dead", b"refused"):
+            job_id = raw.decode(errors="backslashreplace")
+            reason = entry[2].decode(errors="replace")
+            if verdict == b"dead":
+                log.warning("unreadable job moved to the dead letters", job_id=job_id, reason=reason,
+                            queue=self.queue_name)
+                if _is_utf8(raw):
+                    await self._dead_lettered(job_id, reason, "its job record is missing or not a string")
+                else:
+                    self._on_dead_letter(reason, job_id)
+            else:
+                await self._refuse(job_id, reason)
+            return 0
+        try:
+            job_id = raw.decode()
+        except UnicodeDecodeError:
+            # A non-UTF-8 id someone wrote into a tenant queue: claimed, and now dead-lettered.
+            await self._move_to_dead_letters(raw, None, "non_utf8_id", "the job id is not UTF-8", float(entry[2]))
+            return 0
+        if not have_slot:  # cannot happen (the claim takes at most `slots`): hand it back rather than overrun
+            await self._finish_job(job_id, "requeue", None, None, None, int(float(entry[2])))
+            return 0
+        self.tasks[job_id] = task = asyncio.create_task(self.run_job(
+            job_id, score=int(float(entry[2])), record=entry[3], job_try=int(entry[4]), crashes=int(entry[5]),
+            crashed=bool(int(entry[6])), poisoned=verdict == b"poisoned"))
+        task.add_done_callback(functools.partial(self._job_finished, job_id=job_id))
+        return 1
+
+    async def _refuse(self, job_id: str, reason: str) -> None:
+        """A plain ARQ producer's job over its tenant's max_pending: failed as rejected, with a result."""
+        error = JobRejected(f"job {job_id} was refused at adoption: {reason}")
+        log.warning("adopted job refused", job_id=job_id, reason=reason, queue=self.queue_name)
+        await self._report(self._failure(job_id, None, None, "rejected", error, 1))
+        now = timestamp_ms()
+        data = serialize_result("unknown", (), {}, 1, 0, False, error, now, now, job_id, self.queue_name, job_id,
+                                serializer=self.serialize)
+        with contextlib.suppress(RedisError, OSError):
+            async with self.pool.pipeline(transaction=True) as pipe:
+                pipe.set(jobs.result_key(job_id), data or b"", px=int(self.keep_result_s * 1000) or None)
+                pipe.delete(jobs.job_key(job_id))
+                await pipe.execute()
 
     # -- one job ---------------------------------------------------------------------------------------
 
@@ -287,7 +304,7 @@ class ShardWorker:
             try:
                 await self.pool.set(jobs.retry_key(job_id), job_try, ex=RETRY_TTL_S)
             except asyncio.CancelledError:
-                await asyncio.shield(self._finish_job(job_id, "requeue", None, None, None))
+                await asyncio.shield(self._finish_job(job_id, "requeue", None, None, None, score))
                 return
         function = self.functions[name]
         quota = self._pool_quota()
@@ -312,14 +329,14 @@ class ShardWorker:
         ctx = {**self.ctx, "job_id": job_id, "job_try": job_try, "score": score, "crashes": crashes,
                "enqueue_time": datetime.fromtimestamp(enqueue_ms / 1000, tz=UTC)}
         start_ms = timestamp_ms()
-        mode, incr_score, success, result = "done", None, False, None
+        mode, requeue_at, success, result = "done", score, False, None
         try:
             result = await asyncio.wait_for(function.coroutine(ctx, **kwargs), function.timeout_s)
             success = True
         except Retry as exc:
             mode = "retry"
             if exc.defer_score:
-                incr_score = exc.defer_score + (timestamp_ms() - score)
+                requeue_at = timestamp_ms() + exc.defer_score
         except asyncio.CancelledError:
             # A drain (or a lease another holder took over): the job runs again; this try is not counted.
             mode = "requeue"
@@ -333,7 +350,7 @@ class ShardWorker:
             result_data = serialize_result(name, (), kwargs, job_try, enqueue_ms, success, result, start_ms,
                                            finished_ms, f"{job_id}:{name}", self.queue_name, job_id,
                                            serializer=self.serialize)
-        await asyncio.shield(self._finish_job(job_id, mode, result_data, function, incr_score))
+        await asyncio.shield(self._finish_job(job_id, mode, result_data, function, requeue_at))
 
     async def _fail_for_good(self, job_id: str, name: str, kwargs: dict[str, Any], enqueue_ms: int,
                              job_try: int, score: int, reason: str, error: Exception) -> None:
@@ -341,10 +358,13 @@ class ShardWorker:
         result_data = serialize_result(name, (), kwargs, job_try, enqueue_ms, False, error, now, now,
                                        f"{job_id}:{name}", self.queue_name, job_id, serializer=self.serialize)
         await self._report(self._failure(job_id, name, kwargs, reason, error, job_try, enqueue_ms))
-        await asyncio.shield(self._finish_job(job_id, "done", result_data, self.functions.get(name), None))
+        await asyncio.shield(self._finish_job(job_id, "done", result_data, self.functions.get(name), score))
 
     async def _finish_job(self, job_id: str, mode: str, result_data: bytes | None, function: Function | None,
-                          incr_score: int | None) -> None:
+                          requeue_at: int | None, score: int | None = None) -> None:
+        """``requeue_at``: the due time for 'retry' and 'requeue' (its old place, or later for a Retry)."""
+        if score is not None:
+            requeue_at = score
         keep_s = self.keep_result_s
         forever = False
         if function is not None:
@@ -354,14 +374,14 @@ class ShardWorker:
             result_data = None
         tenant = self.leases.tenant_lease_of(job_id)
         finish_keys = [jobs.in_progress_key(job_id), jobs.result_key(job_id), jobs.retry_key(job_id),
-                       jobs.job_key(job_id), abort_jobs_ss, self.queue_name, keys.job_attempt(job_id),
+                       jobs.job_key(job_id), abort_jobs_ss, self.running_key, keys.job_attempt(job_id),
                        self.leases.held_key]
         if tenant is not None:
             finish_keys.append(keys.tenant_leases(tenant))
         try:
             ours = await self._finish(keys=finish_keys, args=[
                 job_id, self.leases.holder, mode, result_data or b"", "" if forever else int(keep_s * 1000),
-                "" if incr_score is None else incr_score, self.leases.member(job_id)])
+                "" if requeue_at is None else requeue_at, self.leases.member(job_id), self.q])
         finally:
             self.leases.forget(job_id)
         if not ours:
@@ -370,16 +390,14 @@ class ShardWorker:
     async def _move_to_dead_letters(self, raw: bytes, job_id: str | None, reason: str, detail: str,
                                     score: float) -> None:
         tenant = tenant_of_job_id(job_id) if job_id is not None else None
-        dl_keys: list[str | bytes] = [self.queue_name, keys.dead_letters(self.pool_name),
-                                      jobs.in_progress_key("").encode() + raw, keys.job_attempt("").encode() + raw,
-                                      self.leases.held_key]
+        dl_keys: list[str | bytes] = [keys.dead_letters(self.pool_name), jobs.in_progress_key("").encode() + raw,
+                                      keys.job_attempt("").encode() + raw, self.leases.held_key, self.running_key]
         if tenant is not None:
             dl_keys += [keys.pending(tenant), keys.tenant_leases(tenant)]
         moved = await self._dead_letter(keys=dl_keys, args=[
             raw, dead_letter_record(reason=reason, detail=detail, queue=self.queue_name, score=score),
             self.leases.holder, self.leases.member(job_id or "")])
-        if job_id is not None:
-            self.leases.forget(job_id)
+        self.leases.forget(job_id if job_id is not None else raw.decode(errors="backslashreplace"))
         if not moved:
             return
         if job_id is None:
@@ -417,6 +435,9 @@ class ShardWorker:
         self._lost.discard(job_id)
         self.gate.release()
         self._on_done(job_id)
+        slots, started = self.last_claim
+        if started >= slots:  # the last claim was full: more may be due, and a slot is free now
+            self._wakeup.set()
 
     def _reap(self) -> None:
         for job_id, task in list(self.tasks.items()):

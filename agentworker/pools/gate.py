@@ -58,6 +58,15 @@ class ConcurrencyGate:
                 self._forget(line, future)
             raise
 
+    def take_free(self, most: int) -> int:
+        """Take up to ``most`` more slots at once, only those nobody is waiting for; return how many."""
+        if self._closed or self._lines or most <= 0:
+            return 0
+        taken = min(most, self._limit - self._in_use)
+        if taken > 0:
+            self._in_use += taken
+        return max(0, taken)
+
     def release(self) -> None:
         """Return a slot; it goes to the next line in round-robin order."""
         if self._in_use <= 0:

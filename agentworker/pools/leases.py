@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agentworker import jobs, keys
-from agentworker.job_leases import RENEW_LUA, holder_id
+from agentworker.job_leases import holder_id, lua_source
 from agentworker.logs import get_logger
 
 log = get_logger(__name__)
@@ -42,8 +42,9 @@ class Leases:
         self.ttl_ms = max(1, int(tenant_ttl_s * 1000))  # tenant leases
         self.holder = holder or holder_id()
         self.held_key = keys.held_jobs(self.holder)
-        self._renew = redis.register_script(RENEW_LUA)
-        self._jobs: dict[str, str | None] = {}  # job id -> tenant whose concurrency lease it holds, if any
+        self._renew = redis.register_script(lua_source("renew"))
+        # job id -> (its shard's running set, the tenant whose concurrency lease it holds, if any)
+        self._jobs: dict[str, tuple[str, str | None]] = {}
 
     @property
     def held(self) -> int:
@@ -57,24 +58,25 @@ class Leases:
         """The job's member in its tenant's lease set (per holder: a reader never touches another's)."""
         return f"{job_id}@{self.holder}"
 
-    def track(self, job_id: str, tenant_with_lease: str | None) -> None:
-        self._jobs[job_id] = tenant_with_lease
+    def track(self, job_id: str, running_key: str, tenant_with_lease: str | None) -> None:
+        self._jobs[job_id] = (running_key, tenant_with_lease)
 
     def forget(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
 
     def tenant_lease_of(self, job_id: str) -> str | None:
-        return self._jobs.get(job_id)
+        held = self._jobs.get(job_id)
+        return held[1] if held is not None else None
 
     async def renew_all(self) -> list[str]:
         """Renew every lease; return the ids of jobs this process no longer holds."""
         held = list(self._jobs.items())
         if not held:
             return []
-        tenant_held = [(job_id, tenant) for job_id, tenant in held if tenant is not None]
+        tenant_held = [(job_id, tenant) for job_id, (_, tenant) in held if tenant is not None]
         lease_keys = [self.held_key]
-        for job_id, _ in held:
-            lease_keys += [jobs.in_progress_key(job_id), jobs.job_key(job_id)]
+        for job_id, (running_key, _) in held:
+            lease_keys += [jobs.in_progress_key(job_id), running_key]
         lease_keys += [keys.tenant_leases(tenant) for _, tenant in tenant_held]
         lost = await self._renew(keys=lease_keys, args=[
             self.holder, self.job_ttl_ms, len(held), self.ttl_ms, *[job_id for job_id, _ in held],

@@ -44,8 +44,9 @@ from arq.worker import Function, func
 from redis.exceptions import RedisError
 
 from agentworker import jobs, keys, metrics
-from agentworker.config import ConfigError, QuotaConfig, load_config
+from agentworker.config import ConfigError, QuotaConfig, load_config, resolve_config_path
 from agentworker.events import EventPublisher
+from agentworker.job_leases import publish_limits, quota_file_version
 from agentworker.logs import configure_logging, get_logger
 from agentworker.pools.arq_internals import ShardWorker
 from agentworker.pools.gate import ConcurrencyGate
@@ -88,6 +89,7 @@ class WorkerProcess:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._publishing: set[asyncio.Task[None]] = set()
 
     # -- signals (flags only) --------------------------------------------------------------------------
 
@@ -129,6 +131,7 @@ class WorkerProcess:
             for shard in range(pool.shards)
         ]
         self._by_queue = {w.queue_name: w for w in self.workers}
+        await self._publish_limits()
         background = [
             asyncio.create_task(self.leases.renew_forever(self._leases_lost), name="lease-renewal"),
             asyncio.create_task(self._listen_for_wakeups(), name="wakeups"),
@@ -176,18 +179,49 @@ class WorkerProcess:
             stop_wait.cancel()
 
     def reload_config(self) -> None:
+        """SIGHUP: re-read the quota file in a thread (a big file must not stall the shards, the lease
+        renewals and the heartbeat) with the very function the supervisor validated it with, and take it.
+        A file that is refused for any reason keeps the running config, with one log line: a reload
+        never ends the process. A newer SIGHUP supersedes a read still under way."""
+        for task in self._publishing:
+            if task.get_name() == "quota-file-reload":
+                task.cancel()
+
+        async def read_and_take() -> None:
+            try:
+                new = await asyncio.to_thread(load_config, self.settings.config, limits=self.settings.limits)
+            except ConfigError as exc:
+                log.error("quota file reload refused; keeping the running config", errors=exc.errors)
+                return
+            except Exception as exc:  # never a dead worker over a quota file
+                log.error("quota file reload refused; keeping the running config",
+                          errors=[f"cannot load the file: {type(exc).__name__}: {exc}"])
+                return
+            if self.pool_name not in new.pools:
+                log.warning("reloaded quota file no longer has this pool; keeping it until replaced")
+                return
+            self.config = new
+            self.runtime.config = new
+            self.pool_quota = new.pools[self.pool_name]
+            log.info("quota file reloaded", tenants=len(new.tenants))
+            task = asyncio.create_task(self._publish_limits())
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+
+        reading = asyncio.create_task(read_and_take(), name="quota-file-reload")
+        self._publishing.add(reading)
+        reading.add_done_callback(self._publishing.discard)
+
+    async def _publish_limits(self) -> None:
+        """Tenant caps and weights as the claim script reads them (the newest quota file wins)."""
         try:
-            new = load_config(self.settings.config)
-        except ConfigError as exc:
-            log.error("quota file reload refused; keeping the running config", errors=exc.errors)
+            written = await publish_limits(self.redis, self.config, self.pool_name,
+                                           quota_file_version(resolve_config_path(self.settings.config)))
+        except (RedisError, OSError) as exc:  # the supervisor publishes them too, and we retry on reload
+            log.warning("cannot publish tenant limits", error=str(exc))
             return
-        if self.pool_name not in new.pools:
-            log.warning("reloaded quota file no longer has this pool; keeping it until replaced")
-            return
-        self.config = new
-        self.runtime.config = new
-        self.pool_quota = new.pools[self.pool_name]
-        log.info("quota file reloaded", tenants=len(new.tenants))
+        if not written:
+            log.warning("a newer quota file's tenant limits are in Redis; keeping them")
 
     async def _drain(self, mains: list[asyncio.Task[None]], background: list[asyncio.Task[Any]]) -> None:
         self.state = "draining"

@@ -91,7 +91,8 @@ def status_document(supervisor: Supervisor, observer: RedisObserver) -> dict[str
     snap = observer.snapshot
     queues: dict[str, dict[str, Any]] = {}
     for (pool_name, shard), depth in sorted(snap.queues.items()):
-        queues.setdefault(pool_name, {})[str(shard)] = {"ready": depth.ready, "total": depth.total}
+        queues.setdefault(pool_name, {})[str(shard)] = {"ready": depth.ready, "total": depth.total,
+                                                        "runnable": depth.runnable}
     last_reload = supervisor.last_reload
     return {
         "supervisor": {
@@ -157,11 +158,19 @@ class SupervisorCollector(Collector):
                                   labels=["pool", "shard"])
         deferred = GaugeMetricFamily("agentworker_queue_deferred",
                                      "Jobs in each shard queue scheduled for later.", labels=["pool", "shard"])
+        runnable = GaugeMetricFamily(
+            "agentworker_queue_runnable", "Jobs of each pool that could start now: due, and not held back by "
+            "their tenant's max_concurrency (what KEDA scales on).", labels=["pool"])
+        per_pool: dict[str, int] = {}
         for (pool_name, shard), d in sorted(self.observer.snapshot.queues.items()):
             depth.add_metric([pool_name, str(shard)], d.ready)
             deferred.add_metric([pool_name, str(shard)], d.total - d.ready)
+            per_pool[pool_name] = per_pool.get(pool_name, 0) + d.runnable
+        for pool_name, count in sorted(per_pool.items()):
+            runnable.add_metric([pool_name], count)
         yield depth
         yield deferred
+        yield runnable
 
         tenant_flight = GaugeMetricFamily("agentworker_tenant_in_flight",
                                           "Running jobs per tenant named in the quota file (leases).",

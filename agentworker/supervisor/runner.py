@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.asyncio import Redis
@@ -28,6 +27,7 @@ from redis.asyncio import Redis
 from agentworker.config import ConfigError
 from agentworker.health.app import create_app
 from agentworker.health.checks import FAIL, PASS, WARN, Check, check_postgres, check_redis
+from agentworker.health.server import HttpServer
 from agentworker.logs import get_logger
 from agentworker.settings import Settings
 from agentworker.supervisor.metrics_archive import MetricsArchive
@@ -112,10 +112,12 @@ def _directory(configured: str | None, prefix: str) -> tuple[Path, bool]:
                            f"{exc.strerror or exc}") from None
 
 
-def child_environment(metrics_dir: Path) -> dict[str, str]:
+def child_environment(metrics_dir: Path, port: int | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
     # Read by prometheus_client when the worker imports it: every worker writes its own files here.
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    if port is not None:  # `run --port N`: the workers' egress guard must know the supervisor's own port
+        env["AGENTWORKER_PORT"] = str(port)
     return env
 
 
@@ -129,7 +131,7 @@ async def serve(settings: Settings, config_path: Path) -> int:
     metrics_dir, own_metrics_dir = _directory(settings.metrics_dir, "agentworker-metrics-")
     archive = MetricsArchive(metrics_dir)
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.ready_timeout, socket_timeout=5)
-    runner: web.AppRunner | None = None
+    http: HttpServer | None = None
     observer_task: asyncio.Task[None] | None = None
     supervisor: Supervisor | None = None
     zygote: Zygote | None = None
@@ -139,19 +141,19 @@ async def serve(settings: Settings, config_path: Path) -> int:
         except OSError as exc:
             raise StartupError(f"cannot use metrics directory {metrics_dir}: {exc.strerror or exc}") from None
         supervisor = Supervisor(settings=settings, watch=watch, config=config, run_dir=run_dir,
-                                metrics=archive, child_env=child_environment(metrics_dir))
-        observer = RedisObserver(redis, lambda: (supervisor.config_version, supervisor.config))
+                                metrics=archive, child_env=child_environment(metrics_dir, settings.port))
+        observer = RedisObserver(redis, lambda: (supervisor.config_version, supervisor.config), config_path)
         supervisor.on_worker_gone = observer.release_dead_worker
+        supervisor.on_reload, observer.on_rerouted = observer.wake, supervisor.rerouted
         registry = CollectorRegistry(auto_describe=False)
         MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
         registry.register(SupervisorCollector(supervisor, observer))
         backend = SupervisorBackend(supervisor, observer, redis, settings, registry)
 
-        runner = web.AppRunner(create_app(backend), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.http_host, settings.port)
+        # A deadline on request heads and one-line logs for malformed requests (health/server.py).
+        http = HttpServer(create_app(backend), settings.http_host, settings.port)
         try:
-            await site.start()
+            await http.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {settings.http_host}:{settings.port}: "
                                f"{exc.strerror or exc}") from None
@@ -180,8 +182,8 @@ async def serve(settings: Settings, config_path: Path) -> int:
             observer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await observer_task
-        if runner is not None:
-            await runner.cleanup()
+        if http is not None:
+            await http.close()
         with contextlib.suppress(Exception):
             await redis.aclose()
         if own_run_dir:

@@ -37,6 +37,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from agentworker.db import DatabaseUnavailable
+from agentworker.settings import InputLimits
 from agentworker.tasks.context import JobContext
 from agentworker.tasks.registry import task
 from agentworker.tasks.workflow_tasks import checkpoints_of, database_of, execute_workflow, fail_job_run
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
     from agentworker.graphs.agent_runtime import AgentEnvironment, AgentOutcome
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-MAX_MESSAGE_CHARS = 100_000
 _DECISION_KEYS = frozenset({"decision", "comment", "args"})
 
 
@@ -59,9 +59,13 @@ def _check_id(name: str, value: object) -> str:
     return value
 
 
-def _check_text(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_MESSAGE_CHARS:
-        raise InvalidAgentInput(f"{name} must be a non-empty string of at most {MAX_MESSAGE_CHARS} characters")
+def _check_text(name: str, value: object, limits: InputLimits) -> str:
+    """A message or instructions for a model: a non-empty string within ``AGENTWORKER_MAX_PROMPT_BYTES``."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidAgentInput(f"{name} must be a non-empty string")
+    size = len(value.encode("utf-8", errors="surrogatepass"))
+    if size > limits.max_prompt_bytes:
+        raise InvalidAgentInput(limits.refusal("max_prompt_bytes", f"{name} is {size} bytes"))
     return value
 
 
@@ -131,7 +135,7 @@ async def _handle_message_failed(ctx: JobContext, payload: dict[str, Any], reaso
 async def run_chat_agent(ctx: JobContext, tenant_id: str, conversation_id: str, message: str) -> dict[str, Any]:
     """Answer ``message`` in conversation ``conversation_id``; the reply is also an ``agent_message`` event."""
     _check_id("conversation_id", conversation_id)
-    _check_text("message", message)
+    _check_text("message", message, ctx.runtime.settings.limits)
     from agentworker.graphs.chat_agent import run_chat_turn
 
     identity = {"agent": "chat", "conversation_id": conversation_id}
@@ -150,7 +154,7 @@ async def run_tool_agent(ctx: JobContext, tenant_id: str, instructions: str, run
                          max_iterations: int = 10) -> dict[str, Any]:
     """Carry out ``instructions`` with the tenant's tools (only ``tools`` when given); pauses before tools
     that need approval. ``run_id`` defaults to one derived from the job id."""
-    _check_text("instructions", instructions)
+    _check_text("instructions", instructions, ctx.runtime.settings.limits)
     run = _check_id("run_id", run_id) if run_id is not None else f"job-{job_digest(ctx.job_id)}"
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, str) for t in tools)):
         raise InvalidAgentInput("tools must be a list of tool names")
@@ -173,7 +177,7 @@ async def resume_agent(ctx: JobContext, tenant_id: str, run_id: str, decision: A
 async def handle_message(ctx: JobContext, tenant_id: str, conversation_id: str, message: str) -> dict[str, Any]:
     """Route ``message`` to the chat agent, the tool agent or one of the tenant's workflows, and run it."""
     _check_id("conversation_id", conversation_id)
-    _check_text("message", message)
+    _check_text("message", message, ctx.runtime.settings.limits)
     from agentworker.db.workflow_index import list_workflow_ids
     from agentworker.graphs.agent_runtime import agent_model
     from agentworker.graphs.chat_agent import run_chat_turn

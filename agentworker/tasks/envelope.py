@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from arq.worker import Retry
 from redis.exceptions import RedisError
 
 from agentworker import metrics
+from agentworker.config import QuotaConfig
 from agentworker.jobs import JobId, error_record
 from agentworker.logs import get_logger
 from agentworker.routing import InvalidTenantId, route_tenant, validate_tenant_id
@@ -110,8 +112,56 @@ async def _publish(runtime: JobRuntime, tenant_id: str, event: str, data: dict[s
         log.warning("event not published", event_name=event, error=str(exc))
 
 
+#: a worker still runs a job found where a quota file it ran with less than this long ago routed the job's
+#: tenant (see :func:`misrouting_reason`)
+FORMER_ROUTING_GRACE_S = 3600.0
+#: per JobRuntime (by id, with a weak reference to tell a reused id): the configs it ran with, oldest first,
+#: each with when this module first saw it in use
+_configs_seen: dict[int, tuple[weakref.ref[JobRuntime], list[tuple[float, QuotaConfig]]]] = {}
+
+
+def _former_configs(runtime: JobRuntime) -> list[QuotaConfig]:
+    """Note the config ``runtime`` runs with now; return those it replaced less than
+    :data:`FORMER_ROUTING_GRACE_S` ago. Called for every job (a dict lookup), so the first job after a
+    reload dates it."""
+    key = id(runtime)
+    ref, seen = _configs_seen.get(key, (None, []))
+    if ref is None or ref() is not runtime:
+        seen = []
+        _configs_seen[key] = (weakref.ref(runtime, lambda _ref: _configs_seen.pop(key, None)), seen)
+    now = time.monotonic()
+    if not seen or seen[-1][1] is not runtime.config:
+        seen.append((now, runtime.config))
+    while len(seen) > 1 and now - seen[1][0] > FORMER_ROUTING_GRACE_S:  # seen[0] was replaced by seen[1]
+        del seen[0]
+    return [config for _since, config in seen[:-1]]
+
+
+def _publish_nowait(runtime: JobRuntime, tenant_id: str, event: str, data: dict[str, Any]) -> None:
+    _record, written = runtime.events.publish_nowait(tenant_id, event, data)
+
+    def lost(future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("event not published", event_name=event, error=str(future.exception()))
+
+    written.add_done_callback(lost)
+
+
 def misrouting_reason(runtime: JobRuntime, job_id: str, task: str, tenant_id: object, queue: str) -> str | None:
-    """Why this job may not run here, or None if it may."""
+    """Why this job may not run here, or None if it may.
+
+    A job must come from the queue its tenant routes to: under the worker's quota file, or under one the
+    worker replaced (a reload) less than :data:`FORMER_ROUTING_GRACE_S` ago. When a reload moves a tenant
+    (another pool, a pool's ``shards`` changed), the worker takes the new file on SIGHUP and the supervisor
+    moves the tenant's queued jobs a moment later (:mod:`agentworker.rerouting`); a job still in the old
+    queue meanwhile, or put back there afterwards (a retry, a crash of a run that began before the move),
+    or enqueued there by a producer still on the old file, was queued under a routing that was right
+    when it was made: it runs where it is rather than being refused. What is still queued there at the
+    supervisor's next sweep is moved. A queue no file of the worker's ever routed the tenant to is a
+    producer's mistake: refused. The one race left: a worker of the new queue that has not yet taken the
+    new file refuses a moved job; the supervisor moves jobs only after giving the workers the reload's
+    SIGHUP a moment to act (docs/supervisor.md, "Moving tenants and resharding").
+    """
     try:
         validate_tenant_id(tenant_id)
     except InvalidTenantId as exc:
@@ -126,9 +176,10 @@ def misrouting_reason(runtime: JobRuntime, job_id: str, task: str, tenant_id: ob
     if parsed.task != task:
         return f"job id names task {parsed.task!r} but the job runs {task!r}"
     route = route_tenant(runtime.config, tenant_id)
-    if route.queue != queue:
-        return f"tenant {tenant_id!r} routes to {route.queue}, not to {queue} where this job was found"
-    return None
+    former = _former_configs(runtime)
+    if route.queue == queue or any(route_tenant(config, tenant_id).queue == queue for config in former):
+        return None
+    return f"tenant {tenant_id!r} routes to {route.queue}, not to {queue} where this job was found"
 
 
 async def reject(runtime: JobRuntime, arq_ctx: dict[str, Any], reason: str, task: str | None,
@@ -252,7 +303,8 @@ async def run_in_envelope(task: Task, arq_ctx: dict[str, Any], payload: dict[str
     started = time.monotonic()
     with structlog.contextvars.bound_contextvars(tenant_id=tenant_id, job_id=job_id, task=task.name):
         bound.info("job started", try_number=job_try, queue_wait_s=round(wait_s, 4), timeout_s=timeout)
-        await _publish(runtime, tenant_id, "job_started", base)
+        # Not awaited: the task starts without waiting for the round trip; later events stay after it.
+        _publish_nowait(runtime, tenant_id, "job_started", base)
         try:
             deadline = asyncio.timeout(timeout)
             try:
