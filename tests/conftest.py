@@ -85,6 +85,18 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
+@pytest.fixture
+async def arq_redis(redis_url: str) -> AsyncIterator[Any]:
+    """An ARQ Redis client (what workers use) on the test's empty database."""
+    from arq.connections import ArqRedis
+
+    client = ArqRedis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
 BASIC_QUOTAS: dict[str, Any] = {
     "default_pool": "standard",
     "pools": {

@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import pytest
 from arq.connections import ArqRedis
 
 from agentworker import jobs, keys
@@ -24,15 +23,6 @@ from agentworker.pools.gate import ConcurrencyGate
 from agentworker.pools.leases import Leases
 
 POOL = "standard"
-
-
-@pytest.fixture
-async def arq_redis(redis_url: str) -> Any:
-    client = ArqRedis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def _worker(redis: ArqRedis, holder: str = "host:1") -> ShardWorker:

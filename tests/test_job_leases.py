@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
 from arq.connections import ArqRedis
 from arq.worker import Retry, func
 from redis.asyncio import Redis
@@ -26,6 +25,7 @@ from agentworker.pools.arq_internals import ShardWorker
 from agentworker.pools.gate import ConcurrencyGate
 from agentworker.pools.leases import Leases
 from agentworker.tasks.envelope import FinalFailure
+from tests.conftest import wait_for
 
 QUEUE = keys.queue("standard", 0)  # the shard's inbox (what a plain ARQ producer writes)
 
@@ -98,23 +98,7 @@ async def _enqueue(redis: Redis, job_id: str, task: str = "echo", score: int = 1
 
 
 async def _wait(condition: Callable[[], Awaitable[bool] | bool], timeout: float = 5) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            value = condition()
-            if not isinstance(value, bool):
-                value = await value
-            if value:
-                return
-            await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-async def arq_redis(redis_url: str) -> Any:
-    client = ArqRedis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+    await wait_for(condition, timeout, interval=0.01)
 
 
 async def test_a_claim_is_a_short_lease_named_after_its_holder_and_listed_under_it(arq_redis: ArqRedis) -> None:
