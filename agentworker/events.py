@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,8 +40,12 @@ def utc_timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def make_event(event: str, tenant_id: str, data: dict[str, Any]) -> dict[str, Any]:
-    return {"event": event, "tenant_id": tenant_id, "ts": utc_timestamp(), "data": data}
+def make_event(event: str, tenant_id: str, data: dict[str, Any], event_id: str | None = None) -> dict[str, Any]:
+    """The event's JSON. ``id`` names this event wherever it is read (the channel and the stream carry the
+    same one), so a consumer that reads both, or reads the stream again, drops repeats by it; a caller
+    that may publish the same event twice passes a stable ``event_id``, else a random one is made."""
+    return {"event": event, "id": event_id or uuid.uuid4().hex, "tenant_id": tenant_id, "ts": utc_timestamp(),
+            "data": data}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,8 @@ class Event:
     tenant_id: str
     ts: str
     data: dict[str, Any]
+    #: the event's own id (the ``id`` of its JSON): the same on the channel and in the stream
+    event_id: str = ""
 
 
 class EventPublisher:
@@ -160,6 +167,7 @@ def _decode(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
         tenant_id=body.get("tenant_id", ""),
         ts=body.get("ts", ""),
         data=body.get("data") or {},
+        event_id=str(body.get("id") or ""),
     )
 
 

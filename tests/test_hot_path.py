@@ -8,6 +8,7 @@ order published, and a bad one fails alone. (The claim and finish scripts are ch
 from __future__ import annotations
 
 import asyncio
+import json
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -78,3 +79,25 @@ async def test_batched_script_calls_survive_a_redis_that_lost_the_script(redis: 
     assert await asyncio.gather(batcher(keys=["a"], args=[1]), batcher(keys=["a"], args=[1])) == [1, 2]
     await redis.script_flush()  # as after a Redis restart
     assert sorted(await asyncio.gather(*(batcher(keys=["a"], args=[1]) for _ in range(3)))) == [3, 4, 5]
+
+
+async def test_an_event_has_one_id_on_the_channel_and_in_the_stream(redis: Redis) -> None:
+    from agentworker.events import read_events
+
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.event_channel("acme"))
+    await pubsub.get_message(timeout=1)  # the subscription confirmation
+    publisher = EventPublisher(redis)
+    first = await publisher.publish("acme", "e", {"n": 1})
+    second = await publisher.publish("acme", "e", {"n": 2})
+    live = []
+    while len(live) < 2 and (message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)):
+        live.append(json.loads(message["data"])["id"])
+    await pubsub.aclose()
+    stored = []
+    async for event in read_events(redis, "acme", since="0", block_ms=100):
+        stored.append(event.event_id)
+        if len(stored) == 2:
+            break
+    assert live == stored == [first["id"], second["id"]]
+    assert first["id"] != second["id"] and len(first["id"]) == 32
