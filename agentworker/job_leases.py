@@ -76,7 +76,7 @@ def lua_source(name: str) -> str:
     """A script of ``agentworker/lua``: the worker-side ones with the shared functions prepended and the
     key prefixes filled in. ``enqueue`` is the producers' script, self-contained, as shipped."""
     text = resources.files("agentworker").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-    if name in ("claim", "finish", "release", "renew"):  # (depth, limits: names from the prefixes only)
+    if name in ("claim", "finish", "release", "renew", "move_tenant"):  # (depth, limits: names from the prefixes only)
         text = resources.files("agentworker").joinpath("lua", "_dispatch.lua").read_text(encoding="utf-8") \
             + "\n" + text
     for placeholder, prefix in _PREFIXES.items():

@@ -64,7 +64,7 @@ def _move_keys(tenant_id: str, pool: str, shard: int, to: Route) -> list[str]:
 
 
 def _move_args(tenant_id: str, to: Route) -> list[str]:
-    return [tenant_id, keys.wakeup_channel(to.pool), to.queue]
+    return [tenant_id, keys.wakeup_channel(to.pool), to.queue, keys.shard_id(to.pool, to.shard)]
 
 
 def _logged(tenant_id: str, pool: str, shard: int, to: Route, moved: int) -> int:

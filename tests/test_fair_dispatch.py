@@ -32,7 +32,7 @@ def _worker(redis: ArqRedis, holder: str = "host:1") -> ShardWorker:
     return ShardWorker(
         functions=[], queue_name=keys.queue(POOL, 0), pool_name=POOL, shard=0, redis=redis,
         gate=ConcurrencyGate(1000), leases=Leases(redis, holder=holder), pool_quota=lambda: PoolQuota(),
-        tenant_cap=lambda tenant: None, on_deferred=lambda tenant: None, on_done=lambda job_id: None,
+        on_deferred=lambda tenant: None, on_done=lambda job_id: None,
         on_final_failure=report, on_dead_letter=lambda reason, job_id: None, keep_result=60, poll_delay=1,
         job_serializer=jobs.dumps, job_deserializer=jobs.WorkerJobDecoder({"echo"}), ctx={})
 

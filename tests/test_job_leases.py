@@ -66,7 +66,7 @@ class Harness:
             functions=[func(echo, name="echo", timeout=30), func(block, name="block", timeout=30),
                        func(again, name="again", timeout=30)],
             queue_name=QUEUE, pool_name="standard", shard=0, redis=redis, gate=ConcurrencyGate(concurrency),
-            leases=self.leases, pool_quota=lambda: self.quota, tenant_cap=lambda tenant: cap,
+            leases=self.leases, pool_quota=lambda: self.quota,
             on_deferred=lambda tenant: None, on_done=lambda job_id: None, on_final_failure=report,
             on_dead_letter=lambda reason, job_id: self.dead.append((reason, job_id)), keep_result=60,
             poll_delay=0.05, job_serializer=jobs.dumps,

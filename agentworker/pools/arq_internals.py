@@ -60,8 +60,6 @@ ARQ_NAMES_RELIED_ON: Sequence[str] = (
     "arq.worker.Retry", "arq.worker.func",
 )
 
-#: tenant id -> its max_concurrency, or None for no cap
-TenantCap = Callable[[str], int | None]
 #: called with the tenant id when one of its jobs is left queued because the tenant is at its cap
 JobDeferred = Callable[[str], None]
 #: called with the job id once a claimed job has finished, however it finished
@@ -105,7 +103,6 @@ class ShardWorker:
         gate: ConcurrencyGate,
         leases: Leases,
         pool_quota: Callable[[], PoolQuota],
-        tenant_cap: TenantCap,
         on_deferred: JobDeferred,
         on_done: JobDone,
         on_final_failure: FailureReporter,
@@ -124,7 +121,6 @@ class ShardWorker:
         self.gate = gate
         self.leases = leases
         self._pool_quota = pool_quota
-        self._tenant_cap = tenant_cap
         self._on_deferred = on_deferred
         self._on_done = on_done
         self._on_final_failure = on_final_failure

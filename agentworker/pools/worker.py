@@ -123,7 +123,7 @@ class WorkerProcess:
             ShardWorker(
                 functions=functions, queue_name=keys.queue(self.pool_name, shard), pool_name=self.pool_name,
                 shard=shard, redis=redis, gate=self.gate, leases=self.leases, pool_quota=lambda: self.pool_quota,
-                tenant_cap=self._tenant_cap, on_deferred=self._deferred, on_done=self._job_done,
+                on_deferred=self._deferred, on_done=self._job_done,
                 on_final_failure=self._final_failure, on_dead_letter=self._dead_letter,
                 keep_result=self.settings.keep_result, poll_delay=self.settings.poll_interval,
                 job_serializer=jobs.dumps, job_deserializer=decoder, ctx={"runtime": self.runtime},
@@ -247,9 +247,6 @@ class WorkerProcess:
         self._write_status()
 
     # -- jobs ------------------------------------------------------------------------------------------
-
-    def _tenant_cap(self, tenant_id: str) -> int | None:
-        return self.runtime.config.limits_of(tenant_id).max_concurrency
 
     def _deferred(self, tenant_id: str) -> None:
         metrics.JOBS_DEFERRED.labels(self.pool_name, metrics.tenant_label(self.runtime.config, tenant_id)).inc()
