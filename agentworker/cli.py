@@ -1,8 +1,11 @@
 """The ``agentworker`` command (also ``python -m agentworker``).
 
-Every command takes ``--config FILE`` (default: ``AGENTWORKER_CONFIG``, else the packaged quota file).
+Every command takes ``--config FILE`` (default: ``AGENTWORKER_CONFIG``, else the packaged quota file),
+before or after the command name: one option, so ``agentworker --config F route acme`` and
+``agentworker route acme --config F`` read the same file, and two different files are refused.
 User mistakes print one line on stderr and exit non-zero (2 for bad input or configuration, 1 for an
-operation that failed, such as an unreachable Redis); never a traceback.
+operation that failed, such as an unreachable Redis); never a traceback. The texts of ``--help`` are
+plain text (DESCRIPTION and EPILOG below), not this docstring's markup.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
@@ -20,7 +25,7 @@ from agentworker import __version__
 from agentworker.config import ConfigError, QuotaConfig, load_config, resolve_config_path
 from agentworker.jobs import InvalidJob
 from agentworker.routing import InvalidTenantId, route_tenant
-from agentworker.settings import Settings, SettingsError
+from agentworker.settings import Settings, SettingsError, check_database_url
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -37,7 +42,7 @@ class CommandError(Exception):
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(config=getattr(args, "config", None))
+    return Settings.from_env(config=args.config)
 
 
 def _config(args: argparse.Namespace) -> QuotaConfig:
@@ -138,13 +143,12 @@ async def _enqueue(args: argparse.Namespace, payload: dict[str, Any]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from agentworker.logs import configure_logging
     from agentworker.supervisor.runner import StartupError, serve
 
-    settings = Settings.from_env(config=getattr(args, "config", None), port=args.port)
+    settings = Settings.from_env(config=args.config, port=args.port)
     # abspath, not resolve(): a ConfigMap is a symlink swapped on update; workers must follow the link.
     path = Path(os.path.abspath(resolve_config_path(settings.config)))
     load_config(path)  # a bad file: one line and exit 2 before anything starts
@@ -161,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from agentworker.health.status_table import StatusUnavailable, fetch_status, render_status
 
-    url = args.url or f"http://127.0.0.1:{Settings.from_env().port}"
+    url = _status_url(args.url) if args.url else f"http://127.0.0.1:{Settings.from_env().port}"
     try:
         document = fetch_status(url, timeout=args.timeout)
     except StatusUnavailable as exc:
@@ -170,19 +174,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status_url(url: str) -> str:
+    """``--url`` if it is an http(s) URL with a host and a usable port, else a :class:`CommandError`."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        raise CommandError(f"--url {url!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CommandError(f"--url {url!r} is not an http:// or https:// URL with a host, "
+                           "e.g. http://127.0.0.1:8000")
+    return url
+
+
 # -- migrate -----------------------------------------------------------------------------------------
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from asyncpg.exceptions import ClientConfigurationError
+
     from agentworker.db.migrate import MigrationError, migrate
     from agentworker.db.urls import redact_url
     from agentworker.graphs.checkpoints import setup_checkpoint_tables
 
+    if args.database_url is not None:
+        check_database_url(args.database_url, "--database-url")
     url = args.database_url or _settings(args).database_url
     try:
         report = asyncio.run(migrate(url, after=[setup_checkpoint_tables]))
     except MigrationError as exc:
         raise CommandError(str(exc), EXIT_FAILED) from None
+    except ClientConfigurationError as exc:  # a URL option check_database_url does not know
+        where = "--database-url" if args.database_url is not None else "AGENTWORKER_DATABASE_URL"
+        raise CommandError(f"{where} cannot be used: {exc}") from None
     for label in report.applied:
         print(f"applied {label}")
     state = f"{len(report.applied)} migration(s) applied" if report.applied else "already up to date"
@@ -285,25 +309,67 @@ def _truncate(text: str, width: int) -> str:
 # -- wiring ------------------------------------------------------------------------------------------
 
 
+DESCRIPTION = "The agentworker command (also python -m agentworker): run the worker service and operate it."
+EPILOG = ("--config FILE may be given before or after the command name: it is one option, and naming two "
+          "different files is refused. Errors are one line on stderr; exit codes: 0 done, 1 the operation "
+          "failed (e.g. Redis unreachable, port in use), 2 bad input or configuration.")
+CONFIG_HELP = "the quota file (default: $AGENTWORKER_CONFIG, else the quota file shipped in the package)"
+#: the --config of each parser level has its own destination, merged by _config_option: argparse copies a
+#: subcommand's defaults over what the levels above it parsed, so one shared destination loses values
+CONFIG_DESTS = ("config_top", "config_command", "config_action")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error shape: one line on stderr and exit 2, no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _add_config_option(parser: argparse.ArgumentParser, dest: str) -> None:
+    more = "; may also be given after the command" if dest == "config_top" else \
+        "; the same option as agentworker --config FILE (two different files are refused)"
+    parser.add_argument("--config", metavar="FILE", dest=dest, help=CONFIG_HELP + more)
+
+
+def _config_option(args: argparse.Namespace) -> str | None:
+    """The one --config of the command line, wherever it was given; two different files are refused."""
+    given = [value for value in (getattr(args, dest, None) for dest in CONFIG_DESTS) if value is not None]
+    if any(not value for value in given):
+        raise CommandError("--config needs a file name (it was given an empty one)")
+    files = {os.path.realpath(value): value for value in given}
+    if len(files) > 1:
+        raise CommandError(f"--config names two different files, {' and '.join(files.values())}: give it once")
+    return given[0] if given else None
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number from 0 to 65535")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    # SUPPRESS: a subcommand's parser would otherwise reset a --config given before it to None.
-    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                        help="quota file (default: $AGENTWORKER_CONFIG, else the packaged default)")
-    parser = argparse.ArgumentParser(prog="agentworker", description=__doc__.splitlines()[0] if __doc__ else "",
-                                     parents=[common])
+    parser = _Parser(prog="agentworker", description=DESCRIPTION, epilog=EPILOG)
+    _add_config_option(parser, "config_top")
     parser.add_argument("--version", action="version", version=f"agentworker {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    command = _Parser(add_help=False)
+    _add_config_option(command, "config_command")
 
-    p = sub.add_parser("check-config", parents=[common], help="validate the quota file and print it")
+    p = sub.add_parser("check-config", parents=[command], help="validate the quota file and print it")
     p.set_defaults(handler=cmd_check_config)
 
-    p = sub.add_parser("route", parents=[common], help="print the pool, shard and queue of a tenant")
+    p = sub.add_parser("route", parents=[command], help="print the pool, shard and queue of a tenant")
     p.add_argument("tenant", help="tenant id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_route)
 
-    p = sub.add_parser("enqueue", parents=[common], help="route and enqueue one job")
+    p = sub.add_parser("enqueue", parents=[command], help="route and enqueue one job")
     p.add_argument("task", help="task name, e.g. echo or execute_workflow")
     p.add_argument("--tenant", required=True, help="tenant id")
     p.add_argument("--payload", default="{}", help="the task's keyword arguments as a JSON object")
@@ -313,33 +379,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait (default 60)")
     p.set_defaults(handler=cmd_enqueue)
 
-    p = sub.add_parser("run", parents=[common], help="run the supervisor: worker processes and the HTTP port")
-    p.add_argument("--port", type=int, help="HTTP port (default: $AGENTWORKER_PORT, else 8000)")
+    p = sub.add_parser("run", parents=[command], help="run the supervisor: worker processes and the HTTP port")
+    p.add_argument("--port", type=_port, help="HTTP port (default: $AGENTWORKER_PORT, else 8000)")
     p.set_defaults(handler=cmd_run)
 
-    p = sub.add_parser("status", parents=[common], help="print the status of a running supervisor")
+    p = sub.add_parser("status", parents=[command], help="print the status of a running supervisor")
     p.add_argument("--url", help="the supervisor's base URL (default: http://127.0.0.1:$AGENTWORKER_PORT)")
     p.add_argument("--json", action="store_true", help="print the raw JSON document")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
     p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("migrate", parents=[common], help="create or upgrade the PostgreSQL schema (safe to re-run)")
+    p = sub.add_parser("migrate", parents=[command], help="create or upgrade the PostgreSQL schema (safe to re-run)")
     p.add_argument("--database-url", help="PostgreSQL URL (default: $AGENTWORKER_DATABASE_URL)")
     p.set_defaults(handler=cmd_migrate)
 
-    p = sub.add_parser("dead-letters", parents=[common], help="list, requeue or delete the jobs no worker could read")
+    p = sub.add_parser("dead-letters", parents=[command], help="list, requeue or delete the jobs no worker could read")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    action = _Parser(add_help=False)
+    _add_config_option(action, "config_action")
     pool_help = "the pool (default: every pool of the quota file)"
     id_help = "the job id as listed (a non-UTF-8 id as hex:<hex of its bytes>)"
-    q = actions.add_parser("list", parents=[common], help="list the dead letters, oldest first")
+    q = actions.add_parser("list", parents=[action], help="list the dead letters, oldest first")
     q.add_argument("--pool", help=pool_help)
     q.add_argument("--json", action="store_true", help="print JSON")
     q.add_argument("--limit", type=int, default=1000, help="at most this many per pool (default 1000)")
-    q = actions.add_parser("requeue", parents=[common],
+    q = actions.add_parser("requeue", parents=[action],
                            help="put a dead letter back in its queue (repair its job record first)")
     q.add_argument("id", help=id_help)
     q.add_argument("--pool", help=pool_help)
-    q = actions.add_parser("delete", parents=[common], help="drop a dead letter and its job record for good")
+    q = actions.add_parser("delete", parents=[action], help="drop a dead letter and its job record for good")
     q.add_argument("id", help=id_help)
     q.add_argument("--pool", help=pool_help)
     p.set_defaults(handler=cmd_dead_letters)
@@ -353,6 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:
+        args.config = _config_option(args)
         return handler(args)
     except CommandError as exc:
         print(f"agentworker: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ composer is PyYAML's own, with the counting added.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -208,5 +209,21 @@ def check_value(value: Any, *, what: str, limits: InputLimits, size_limit: str, 
 
 
 def one_line(exc: BaseException) -> str:
-    """A YAML error's text on one line (PyYAML's messages span several, with a snippet of the input)."""
-    return " ".join(str(exc).split())
+    """A YAML error's text on one line (PyYAML's messages span several, with a snippet of the input),
+    with the line and column but without PyYAML's name for the input (``"<unicode string>"``): the
+    caller names the document."""
+    if isinstance(exc, yaml.MarkedYAMLError) and (exc.problem or exc.context):
+        text = f"{exc.problem or exc.context}{_at(exc.problem_mark if exc.problem else exc.context_mark)}"
+        if exc.problem and exc.context:
+            text += f" ({exc.context}{_at(exc.context_mark)})"
+    else:
+        text = str(exc)
+    return _STREAM_NAME.sub(" at", " ".join(text.split()))
+
+
+#: how PyYAML names a document it was handed as a string: ``in "<unicode string>", line 3, column 1``
+_STREAM_NAME = re.compile(r' in "<(?:unicode|byte) string>",')
+
+
+def _at(mark: Any) -> str:
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

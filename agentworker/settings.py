@@ -34,8 +34,9 @@ AGENTWORKER_PORT                       8000                            HTTP port
 AGENTWORKER_HTTP_HOST                  0.0.0.0                         address the supervisor's HTTP port binds
 AGENTWORKER_RUN_DIR                    (a new temporary directory)     where workers write their status files
 AGENTWORKER_METRICS_DIR                (a new temporary directory)     prometheus multiprocess files of the
-                                                                       workers; emptied when the supervisor
-                                                                       starts: one directory per supervisor
+                                                                       workers; locked by one supervisor for
+                                                                       its life and emptied when it starts (a
+                                                                       second one on it is refused at start)
 AGENTWORKER_READY_TIMEOUT              2                               seconds /ready waits for Redis and for
                                                                        PostgreSQL before calling them down
 AGENTWORKER_RESTART_BACKOFF_INITIAL    0.5                             seconds before the first restart of a
@@ -80,6 +81,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 ENV_PREFIX = "AGENTWORKER_"
 
@@ -217,6 +219,7 @@ class Settings:
             raise SettingsError(f"AGENTWORKER_ZYGOTE={self.zygote!r}: use on or off")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("AGENTWORKER_REDIS_URL must start with redis://, rediss:// or unix://")
+        check_database_url(self.database_url, "AGENTWORKER_DATABASE_URL")
         if self.egress_allow:
             from agentworker.egress import parse_allow_list  # imported late: egress reads these settings
 
@@ -227,6 +230,51 @@ class Settings:
     def limits(self) -> InputLimits:
         """The input size limits of these settings."""
         return InputLimits(**{f.name: getattr(self, f.name) for f in fields(InputLimits)})
+
+
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+
+
+def check_database_url(url: str, name: str) -> None:
+    """Refuse, in one :class:`SettingsError` sentence naming ``name`` (the variable or option it came
+    from), a PostgreSQL URL that asyncpg and psycopg would refuse anyway, but only when first used: the
+    wrong scheme, a port that is not a number, a malformed query or an unknown ``sslmode`` or
+    ``target_session_attrs``. It is not connected to. The message never includes the password."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
+        raise SettingsError(f"{name} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("postgresql", "postgres") or not url.startswith(f"{parts.scheme}://"):
+        scheme = url.partition("://")[0][:20] if "://" in url else ""
+        if scheme:
+            raise SettingsError(f"{name} must start with postgresql:// or postgres://, not {scheme}://")
+        raise SettingsError(f"{name} is not a URL: it must start with postgresql:// or postgres://")
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in filter(None, hosts.split(",")):
+        if host.startswith("["):
+            closing = host.find("]")
+            if closing < 0:
+                raise SettingsError(f"{name}: host {host!r} opens an IPv6 address with [ and does not close it")
+            port = host[closing + 1:].removeprefix(":")
+        else:
+            port = host.partition(":")[2]
+        _check_port(unquote(port), name)
+    try:
+        query = parse_qs(parts.query, strict_parsing=True) if parts.query else {}
+    except ValueError:
+        raise SettingsError(f"{name}: the query string (after ?) is not key=value pairs joined by &") from None
+    for key, allowed in (("sslmode", _SSL_MODES), ("target_session_attrs", _SESSION_ATTRS)):
+        value = query.get(key, [None])[-1]
+        if value is not None and value not in allowed:
+            raise SettingsError(f"{name}: {key}={value!r} is not one of {', '.join(allowed)}")
+    for port in ",".join(query.get("port", [])).split(","):
+        _check_port(port, name)
+
+
+def _check_port(port: str, name: str) -> None:
+    if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise SettingsError(f"{name}: port {port[:20]!r} is not a number from 1 to 65535")
 
 
 def _convert(name: str, raw: str, kind: Any) -> Any:

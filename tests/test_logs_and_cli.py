@@ -110,3 +110,98 @@ def test_enqueue_with_redis_down_is_one_line(quota_file: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith("agentworker: cannot reach Redis")
     assert "Traceback" not in proc.stderr
+
+
+# -- one --config, one-line mistakes, plain help (issue 18) ---------------------------------------------
+
+#: nothing listens there: a command that tried to reach Redis would say so instead of what is asserted
+NO_REDIS_ENV = worker_env("redis://127.0.0.1:1/0")
+
+
+def _only_line(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    """The single line a failed command printed on stderr, after checking its exit code and that it
+    printed no traceback."""
+    assert proc.returncode == code, proc
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_config_before_or_after_the_command_is_one_option(write_quotas: Any) -> None:
+    b = write_quotas({"default_pool": "b", "pools": {"b": {"shards": 1}}}, name="b.yaml")
+    c = write_quotas({"default_pool": "c", "pools": {"c": {"shards": 1}}}, name="c.yaml")
+    checked = _cli("--config", str(b), "check-config", env=NO_REDIS_ENV)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.splitlines()[0] == f"{b}: OK"
+    # The option wins over AGENTWORKER_CONFIG wherever it is given, down to dead-letters' own commands
+    # (an unknown --pool is refused from the quota file, before Redis is reached).
+    env = {**NO_REDIS_ENV, "AGENTWORKER_CONFIG": str(c)}
+    for args in (("--config", str(b), "route", "acme"), ("route", "acme", "--config", str(b))):
+        routed = _cli(*args, env=env)
+        assert (routed.returncode, routed.stdout) == (0, "tenant acme: pool b, shard 0, queue agentworker:queue:b:0\n")
+    for args in (("--config", str(b), "dead-letters", "list", "--pool", "x"),
+                 ("dead-letters", "--config", str(b), "list", "--pool", "x"),
+                 ("dead-letters", "list", "--pool", "x", "--config", str(b))):
+        assert _only_line(_cli(*args, env=env), 2) == "agentworker: unknown pool 'x': the quota file has b"
+    same = _cli("--config", str(b), "route", "acme", "--config", str(b.parent / "." / b.name), env=env)
+    assert same.returncode == 0 and "pool b," in same.stdout
+    conflict = _cli("--config", str(b), "route", "acme", "--config", str(c), env=env)
+    assert _only_line(conflict, 2) == f"agentworker: --config names two different files, {b} and {c}: give it once"
+
+
+@pytest.mark.parametrize(("args", "env", "code", "line"), [
+    (("status", "--url", "not-a-url"), {}, 2,
+     "agentworker: --url 'not-a-url' is not an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000"),
+    (("migrate", "--database-url", "not-a-url"), {}, 2,
+     "agentworker: --database-url is not a URL: it must start with postgresql:// or postgres://"),
+    (("migrate", "--database-url", "mysql://x"), {}, 2,
+     "agentworker: --database-url must start with postgresql:// or postgres://, not mysql://"),
+    (("migrate", "--database-url", "postgresql://postgres:hunter2@127.0.0.1:1/x?sslmode=bogus"), {}, 2,
+     "agentworker: --database-url: sslmode='bogus' is not one of disable, allow, prefer, require, verify-ca, "
+     "verify-full"),
+    (("run",), {"AGENTWORKER_DATABASE_URL": "postgresql://postgres:hunter2@127.0.0.1/x?sslmode=bogus"}, 2,
+     "agentworker: AGENTWORKER_DATABASE_URL: sslmode='bogus' is not one of disable, allow, prefer, require, "
+     "verify-ca, verify-full"),
+    (("run",), {"AGENTWORKER_DATABASE_URL": "postgresql://postgres@127.0.0.1:port/x"}, 2,
+     "agentworker: AGENTWORKER_DATABASE_URL: port 'port' is not a number from 1 to 65535"),
+    (("run", "--port", "99999"), {}, 2,
+     "agentworker run: argument --port: 99999 is not a port number from 0 to 65535 (see agentworker run --help)"),
+], ids=["status-url", "migrate-not-a-url", "migrate-mysql", "migrate-sslmode", "run-sslmode", "run-port-in-url",
+        "run-port"])
+def test_user_mistakes_are_one_sentence_and_an_exit_code(args: tuple[str, ...], env: dict[str, str], code: int,
+                                                         line: str) -> None:
+    proc = _cli(*args, env={**NO_REDIS_ENV, **env})
+    assert _only_line(proc, code) == line
+    assert "hunter2" not in proc.stderr
+    assert '"supervisor started"' not in proc.stdout  # `run` refused before starting anything
+
+
+def test_yaml_errors_name_the_file_not_the_parser_input(tmp_path: Path) -> None:
+    bad = tmp_path / "quotas.yaml"
+    bad.write_text("pools:\n  standard: {shards: [1\n")
+    expected = (f"{bad}: not valid YAML: did not find expected ',' or ']' at line 3, column 1 "
+                "(while parsing a flow sequence at line 2, column 22)")
+    assert _only_line(_cli("check-config", "--config", str(bad), env=NO_REDIS_ENV), 2) == expected
+    refused = _cli("run", "--config", str(bad), env=NO_REDIS_ENV)
+    assert _only_line(refused, 2) == f"agentworker: bad quota file {expected}"
+
+
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from agentworker.cli import main
+
+    top = _cli("--help", env=NO_REDIS_ENV)
+    assert top.returncode == 0
+    assert "The agentworker command (also python -m agentworker)" in top.stdout
+    assert "--config FILE may be given before or after the command name" in " ".join(top.stdout.split())
+    texts = [top.stdout]
+    for command in (["check-config"], ["route"], ["enqueue"], ["run"], ["status"], ["migrate"], ["dead-letters"],
+                    ["dead-letters", "list"], ["dead-letters", "requeue"], ["dead-letters", "delete"]):
+        with pytest.raises(SystemExit) as exited:
+            main([*command, "--help"])
+        assert exited.value.code == 0
+        texts.append(capsys.readouterr().out)
+    for text in texts:
+        assert "--config FILE" in text
+        for markup in ("``", ":class:", ":func:", ":mod:", ":meth:"):
+            assert markup not in text, text

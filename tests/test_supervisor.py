@@ -253,6 +253,46 @@ def test_user_mistakes_get_one_line_and_a_non_zero_exit(
     assert bad_setting.returncode == 2 and "AGENTWORKER_RESTART_BACKOFF_MAX" in bad_setting.stderr
 
 
+def _jobs_succeeded(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> float:
+    return sum(v for (name, labels), v in samples.items()
+               if name == "agentworker_jobs_total" and ("outcome", "success") in labels)
+
+
+@pytest.mark.timeout(180)
+async def test_a_second_supervisor_on_the_same_metrics_directory_is_refused_and_touches_nothing(
+        supervisors: Callable[..., SupervisorProcess], write_quotas: Quotas, redis_url: str, tmp_path: Path) -> None:
+    config = write_quotas(quotas(standard={"shards": 1, "processes": 1, "concurrency": 2, "job_timeout": 30}))
+    first = supervisors(config, name="first")
+    await first.wait_ready()
+    async with make_client(redis_url, config) as client:
+        jobs = [await client.enqueue("echo", tenant_id="acme", payload={"message": str(i)}) for i in range(3)]
+        assert [await job.result(timeout=20) for job in jobs] == ["0", "1", "2"]
+    assert _jobs_succeeded(await first.metrics()) == 3
+    files_before = {path.name for path in first.metrics_dir.glob("*.db")}
+    assert files_before
+
+    # Same directory, on the live service's port (what emptied the directory before finding the port
+    # taken) and on a free one (where nothing else would have stopped it).
+    env = {**first.env, "AGENTWORKER_RUN_DIR": str(tmp_path / "second-run")}
+    for port in (first.port, free_port()):
+        second = await asyncio.to_thread(_run_cli, "run", "--config", str(config), "--port", str(port), env=env)
+        assert second.returncode == 1, second
+        assert second.stderr.strip().splitlines() == [
+            f"agentworker: metrics directory {first.metrics_dir} is in use by another running supervisor "
+            f"(pid {first.pid}): give each supervisor its own AGENTWORKER_METRICS_DIR"]
+        assert "Traceback" not in second.stderr + second.stdout
+        assert '"worker started"' not in second.stdout
+    assert files_before <= {path.name for path in first.metrics_dir.glob("*.db")}
+    assert _jobs_succeeded(await first.metrics()) == 3  # the live service's counters are intact
+
+    # The kernel drops the lock with its holder, even on kill -9: no stale lock keeps the next one out.
+    await first.status()  # records the worker pids, for the teardown to kill
+    first.signal(signal.SIGKILL)
+    assert await first.wait_exit() == -signal.SIGKILL
+    third = supervisors(config, name="third", AGENTWORKER_METRICS_DIR=str(first.metrics_dir))
+    await third.wait_ready()
+
+
 
 async def test_workers_do_not_outlive_a_supervisor_killed_with_sigkill(
         supervisors: Callable[..., SupervisorProcess], write_quotas: Quotas) -> None:

@@ -17,6 +17,7 @@ from agentworker.config import ConfigError, parse_config
 from agentworker.health.checks import FAIL, PASS, WARN, Check, health_document
 from agentworker.health.status_table import render_status
 from agentworker.supervisor.backoff import FAILING_AFTER, STABLE_AFTER, RestartBackoff
+from agentworker.supervisor.directory_lock import LOCK_NAME, DirectoryInUse, DirectoryLock
 from agentworker.supervisor.reload import QuotaFileWatch, plan_reload
 
 
@@ -145,3 +146,21 @@ def test_status_table_shows_every_slot() -> None:
     text = render_status(document)
     assert "failing" in text and "4242" in text and "50M" in text and "crash: exited with code 3" in text
     assert "acme" in text
+
+
+def test_a_metrics_directory_is_locked_by_one_supervisor_at_a_time(tmp_path: Path) -> None:
+    # flock locks belong to an open file, so two locks in one process conflict as two processes do.
+    live = tmp_path / "counter_123.db"
+    live.write_bytes(b"live samples")
+    first, second = DirectoryLock(tmp_path), DirectoryLock(tmp_path)
+    first.acquire()
+    with pytest.raises(DirectoryInUse) as refused:
+        second.acquire()
+    assert str(refused.value) == (f"metrics directory {tmp_path} is in use by another running supervisor "
+                                  f"(pid {os.getpid()}): give each supervisor its own AGENTWORKER_METRICS_DIR")
+    assert not second.held and live.read_bytes() == b"live samples"
+    assert not LOCK_NAME.endswith(".db")  # prometheus_client's collector never reads the lock file
+    first.release()
+    second.acquire()  # released: the next supervisor takes it (the kernel also drops it on kill -9)
+    assert second.held
+    second.release()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -19,8 +20,8 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
             body = response.read()
     except urllib.error.HTTPError as exc:
         raise StatusUnavailable(f"{target} answered HTTP {exc.code}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # HTTPException: not HTTP
+        reason = str(getattr(exc, "reason", exc)) or type(exc).__name__
         raise StatusUnavailable(f"cannot reach {target}: {reason}") from None
     try:
         document: Any = json.loads(body)

@@ -1,8 +1,9 @@
 """``agentworker run``: wire the reconcile loop, the Redis observer and the HTTP port together.
 
-Start order: bind the HTTP port first (a port in use fails fast, before any worker starts), prepare
-the run and metrics directories, start the zygote (the workers' pre-imported parent), then start the
-loop, which starts the workers. Signals only set flags on the supervisor: SIGTERM/SIGINT drain and exit
+Start order: lock the metrics directory (a second supervisor on the same directory is refused before
+it touches a file), bind the HTTP port (a port in use fails fast, before any worker starts), empty the
+metrics directory, start the zygote (the workers' pre-imported parent), then start the loop, which
+starts the workers. Signals only set flags on the supervisor: SIGTERM/SIGINT drain and exit
 0 (a second one kills the workers at once), SIGHUP reloads the quota file, SIGCHLD wakes the loop to
 reap.
 """
@@ -30,6 +31,7 @@ from agentworker.health.checks import FAIL, PASS, WARN, Check, check_postgres, c
 from agentworker.health.server import HttpServer
 from agentworker.logs import get_logger
 from agentworker.settings import Settings
+from agentworker.supervisor.directory_lock import DirectoryInUse, DirectoryLock
 from agentworker.supervisor.metrics_archive import MetricsArchive
 from agentworker.supervisor.observer import RedisObserver
 from agentworker.supervisor.reconcile import TICK_S, Supervisor
@@ -46,7 +48,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 class StartupError(Exception):
-    """The supervisor cannot start (port in use, unusable directory): one line, exit 1."""
+    """The supervisor cannot start (port in use, unusable or locked directory): one line, exit 1."""
 
 
 class SupervisorBackend:
@@ -130,6 +132,7 @@ async def serve(settings: Settings, config_path: Path) -> int:
     run_dir, own_run_dir = _directory(settings.run_dir, "agentworker-run-")
     metrics_dir, own_metrics_dir = _directory(settings.metrics_dir, "agentworker-metrics-")
     archive = MetricsArchive(metrics_dir)
+    metrics_lock = DirectoryLock(metrics_dir)
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.ready_timeout, socket_timeout=5)
     http: HttpServer | None = None
     observer_task: asyncio.Task[None] | None = None
@@ -137,7 +140,9 @@ async def serve(settings: Settings, config_path: Path) -> int:
     zygote: Zygote | None = None
     try:
         try:
-            archive.reset()
+            metrics_lock.acquire()  # held until this function returns; the kernel drops it if we die
+        except DirectoryInUse as exc:
+            raise StartupError(str(exc)) from None
         except OSError as exc:
             raise StartupError(f"cannot use metrics directory {metrics_dir}: {exc.strerror or exc}") from None
         supervisor = Supervisor(settings=settings, watch=watch, config=config, run_dir=run_dir,
@@ -157,6 +162,11 @@ async def serve(settings: Settings, config_path: Path) -> int:
         except OSError as exc:
             raise StartupError(f"cannot listen on {settings.http_host}:{settings.port}: "
                                f"{exc.strerror or exc}") from None
+        # No await between the bind and here: no scrape can see the files of an earlier lifetime.
+        try:
+            archive.reset()
+        except OSError as exc:
+            raise StartupError(f"cannot use metrics directory {metrics_dir}: {exc.strerror or exc}") from None
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -188,6 +198,7 @@ async def serve(settings: Settings, config_path: Path) -> int:
             await redis.aclose()
         if own_run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
+        metrics_lock.release()
         if own_metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
