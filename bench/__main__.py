@@ -8,6 +8,11 @@ Scenarios: ``throughput`` (a, and d: memory after it), ``latency`` (b), ``restar
 ``noisy`` (f), ``crash`` (crash-to-rerun after kill -9); fairness inside one shard (bench/fair_scenarios.py):
 ``noisy-shard``, ``weights``, ``fairness`` (100 tenants), ``claim-cost``. Systems: ``agentworker``, ``arq-default``,
 ``arq-tuned``, ``saq`` (needs ``pip install -e '.[bench]'``; skipped with a note when missing).
+
+A separate subcommand, not among the scenarios above (bench/chaos.py):
+
+    python -m bench chaos [N] [--keep]    # N workflow runs (default 2000) through kill -9 of workers and
+                                          # restarts of Redis, the supervisor and PostgreSQL
 """
 
 from __future__ import annotations
@@ -128,6 +133,11 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["chaos"]:
+        from bench import chaos
+
+        return chaos.main(argv[1:])
     args = parse_args(argv)
     return asyncio.run(run(args))
 
