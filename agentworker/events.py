@@ -18,17 +18,23 @@ size) and ``"truncated": true``. The full value stays where it is stored (the jo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from agentworker import keys
 from agentworker.settings import InputLimits
+
+_PUBLISH_ONCE_LUA = resources.files("agentworker").joinpath("lua", "publish_once.lua").read_text(encoding="utf-8")
+_PUBLISH_ONCE_SHA = hashlib.sha1(_PUBLISH_ONCE_LUA.encode()).hexdigest()
 
 #: characters of an oversized event's data kept as its preview (fewer if the limit is small)
 PREVIEW_CHARS = 2000
@@ -46,6 +52,14 @@ def make_event(event: str, tenant_id: str, data: dict[str, Any], event_id: str |
     that may publish the same event twice passes a stable ``event_id``, else a random one is made."""
     return {"event": event, "id": event_id or uuid.uuid4().hex, "tenant_id": tenant_id, "ts": utc_timestamp(),
             "data": data}
+
+
+def stable_event_id(tenant_id: str, *parts: object) -> str:
+    """The id of an event that is the same every time it is made: 32 hex characters derived from the
+    tenant and what names the event (e.g. run, step, attempt and event name). A re-publication of the
+    event (after a crash, by the outbox relay) so carries the same id, and the stream keeps one entry."""
+    raw = "\x1f".join((tenant_id, *(str(part) for part in parts)))
+    return hashlib.sha256(raw.encode("utf-8", errors="surrogatepass")).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +83,11 @@ class EventPublisher:
     published while a write is in flight go out together in the next pipeline, in the order they were
     published. A busy worker (two lifecycle events per job) so makes one round trip for many events
     instead of one each; an idle one sees no difference.
+
+    Events with a stable id (:meth:`publish_once_nowait`, used by :mod:`agentworker.event_outbox`) go
+    through ``agentworker/lua/publish_once.lua`` in the same pipeline: the stream gets one entry per id,
+    however many times it is published. The ids are remembered per tenant in a sorted set bounded to
+    twice the stream's length, so an id is forgotten only long after its entry left the stream.
     """
 
     #: events written in one pipeline at most
@@ -78,8 +97,10 @@ class EventPublisher:
         """``max_event_bytes``: default ``AGENTWORKER_MAX_EVENT_BYTES``; a bigger event is truncated."""
         self.redis = redis
         self.stream_maxlen = stream_maxlen
+        self.remembered_ids = max(2 * stream_maxlen, 1000)
         self.max_event_bytes = max_event_bytes or InputLimits.from_env().max_event_bytes
-        self._pending: list[tuple[str, str, asyncio.Future[None]]] = []  # (tenant, JSON body, written)
+        # (tenant, JSON body, stable id or None, written: True, or False for a repeat of a stable id)
+        self._pending: list[tuple[str, str, str | None, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
 
     async def publish(self, tenant_id: str, event: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -87,55 +108,94 @@ class EventPublisher:
         await written
         return record
 
-    def publish_nowait(self, tenant_id: str, event: str,
-                       data: dict[str, Any]) -> tuple[dict[str, Any], asyncio.Future[None]]:
-        """Queue an event in order and return at once, with a future that is done once it is in Redis (or
-        holds the Redis error): for a caller that must not wait for the round trip (the job envelope's
-        ``job_started``). Events queued after it are still written after it."""
-        record = make_event(event, tenant_id, data)
+    def prepare(self, tenant_id: str, event: str, data: dict[str, Any],
+                event_id: str | None = None) -> tuple[dict[str, Any], str]:
+        """The event's record and the JSON that is published (truncated past ``max_event_bytes``)."""
+        record = make_event(event, tenant_id, data, event_id)
         body = json.dumps(record, separators=(",", ":"), default=str)
         if len(body) > self.max_event_bytes:  # ASCII JSON: characters are bytes
             record, body = truncate_event(record, self.max_event_bytes)
+        return record, body
+
+    def publish_nowait(self, tenant_id: str, event: str,
+                       data: dict[str, Any]) -> tuple[dict[str, Any], asyncio.Future[bool]]:
+        """Queue an event in order and return at once, with a future that is done once it is in Redis (or
+        holds the Redis error): for a caller that must not wait for the round trip (the job envelope's
+        ``job_started``). Events queued after it are still written after it."""
+        record, body = self.prepare(tenant_id, event, data)
+        return record, self._queue(tenant_id, body, None)
+
+    def publish_once_nowait(self, tenant_id: str, event_id: str, body: str) -> asyncio.Future[bool]:
+        """Queue an event made by :meth:`prepare` with a stable ``event_id``; the future's result is True
+        if this call put it in the stream, False if that id was already there (nothing written)."""
+        return self._queue(tenant_id, body, event_id)
+
+    def _queue(self, tenant_id: str, body: str, event_id: str | None) -> asyncio.Future[bool]:
         loop = asyncio.get_running_loop()
-        written: asyncio.Future[None] = loop.create_future()
-        self._pending.append((tenant_id, body, written))
+        written: asyncio.Future[bool] = loop.create_future()
+        self._pending.append((tenant_id, body, event_id, written))
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._write_pending(), name="event-writer")
-        return record, written
+        return written
 
     async def _write_pending(self) -> None:
-        batch: list[tuple[str, str, asyncio.Future[None]]] = []
+        batch: list[tuple[str, str, str | None, asyncio.Future[bool]]] = []
         try:
             while self._pending:
                 batch, self._pending = self._pending[:self.MAX_BATCH], self._pending[self.MAX_BATCH:]
                 try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for tenant_id, body, _written in batch:
-                            pipe.xadd(keys.event_stream(tenant_id), {"event": body}, maxlen=self.stream_maxlen,
-                                      approximate=True)
-                            pipe.publish(keys.event_channel(tenant_id), body)
-                        replies = await pipe.execute(raise_on_error=False)
+                    replies = await self._send(batch)
+                    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+                    if missing:  # Redis restarted and lost the script: load it, send those again
+                        await self.redis.script_load(_PUBLISH_ONCE_LUA)
+                        again = await self._send([batch[i] for i in missing])
+                        for i, reply in zip(missing, again, strict=True):
+                            replies[i] = reply
                 except Exception as exc:
-                    for _tenant_id, _body, written in batch:
+                    for _tenant_id, _body, _event_id, written in batch:
                         if not written.done():
                             written.set_exception(exc)
                     continue
-                for i, (_tenant_id, _body, written) in enumerate(batch):
-                    error = next((r for r in replies[2 * i:2 * i + 2] if isinstance(r, Exception)), None)
+                for (_tenant_id, _body, _event_id, written), reply in zip(batch, replies, strict=True):
                     if written.done():
                         continue
-                    if error is None:
-                        written.set_result(None)
+                    if isinstance(reply, Exception):
+                        written.set_exception(reply)
                     else:
-                        written.set_exception(error)
+                        written.set_result(bool(reply))
                 batch = []
         except BaseException:
             # Cancelled (the loop is closing): nobody may wait forever on an event that was not written.
-            for _tenant_id, _body, written in batch + self._pending:
+            for _tenant_id, _body, _event_id, written in batch + self._pending:
                 if not written.done():
                     written.set_exception(ConnectionError("the event writer was cancelled"))
             self._pending = []
             raise
+
+    async def _send(self, batch: list[tuple[str, str, str | None, asyncio.Future[bool]]]) -> list[Any]:
+        """One pipeline for ``batch``; one reply (or error) per event: True/1 written, 0 a repeat."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant_id, body, event_id, _written in batch:
+                if event_id is None:
+                    pipe.xadd(keys.event_stream(tenant_id), {"event": body}, maxlen=self.stream_maxlen,
+                              approximate=True)
+                    pipe.publish(keys.event_channel(tenant_id), body)
+                else:
+                    pipe.evalsha(_PUBLISH_ONCE_SHA, 2, keys.event_stream(tenant_id),
+                                 keys.published_event_ids(tenant_id), keys.event_channel(tenant_id), event_id, body,
+                                 str(self.stream_maxlen), str(self.remembered_ids))
+            raw = await pipe.execute(raise_on_error=False)
+        replies: list[Any] = []
+        position = 0
+        for _tenant_id, _body, event_id, _written in batch:
+            if event_id is None:
+                pair = raw[position:position + 2]
+                position += 2
+                replies.append(next((r for r in pair if isinstance(r, Exception)), True))
+            else:
+                replies.append(raw[position])
+                position += 1
+        return replies
 
 
 def truncate_event(record: dict[str, Any], max_bytes: int) -> tuple[dict[str, Any], str]:

@@ -70,6 +70,12 @@ def event_stream(tenant_id: str) -> str:
     return f"{PREFIX}:stream:{tenant_id}"
 
 
+def published_event_ids(tenant_id: str) -> str:
+    """Sorted set of the ids of a tenant's promised events already in its stream (id -> publication number),
+    bounded like the stream: what keeps a re-published event out of the stream a second time."""
+    return f"{PREFIX}:stream-ids:{tenant_id}"
+
+
 def pending(tenant_id: str) -> str:
     """Sorted set of a tenant's enqueued, not yet started job ids, scored by their expiry (ms)."""
     return f"{PREFIX}:pending:{tenant_id}"
@@ -108,3 +114,8 @@ def dead_letters(pool: str) -> str:
 def run_sweeper_lock() -> str:
     """Lock held by the one worker process sweeping orphaned workflow runs at a time."""
     return f"{PREFIX}:lock:run-sweeper"
+
+
+def event_relay_lock() -> str:
+    """Lock held by the one worker process relaying stale event outbox rows at a time."""
+    return f"{PREFIX}:lock:event-relay"

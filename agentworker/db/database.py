@@ -12,7 +12,7 @@ SUPERUSER or BYPASSRLS: a superuser would skip the policies, so every connection
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
@@ -21,13 +21,16 @@ from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction
 
 from agentworker.db.urls import redact_url
+from agentworker.logs import get_logger
 from agentworker.routing import validate_tenant_id
 
 APP_ROLE = "agentworker_app"
 SCHEMA = "agentworker"
 TENANT_SETTING = "agentworker.tenant_id"
 #: The newest migration the code expects; older databases are refused with "run agentworker migrate".
-REQUIRED_MIGRATION = 4
+REQUIRED_MIGRATION = 5
+
+_log = get_logger("agentworker.db")
 
 #: What asyncpg raises when the server or the connection went away: SQLSTATE class 08
 #: (``PostgresConnectionError``: ``ConnectionDoesNotExistError``, ``ConnectionFailureError``, ...), class 57
@@ -81,11 +84,26 @@ def is_connection_error(exc: BaseException) -> bool:
 class TenantTransaction:
     """A transaction in which only ``tenant_id``'s rows exist. Obtain one from :meth:`Database.tenant`."""
 
-    __slots__ = ("_conn", "tenant_id")
+    __slots__ = ("_after_commit", "_conn", "tenant_id")
 
     def __init__(self, conn: asyncpg.Connection | PoolConnectionProxy, tenant_id: str) -> None:
         self._conn = conn
         self.tenant_id = tenant_id
+        self._after_commit: list[Callable[[], None]] = []
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the transaction has committed (never if it rolls back, or if the commit
+        cannot be confirmed): how what it recorded is announced only once it is true. Callbacks run in
+        order, must not block, and an exception of one is logged, not raised (the commit happened)."""
+        self._after_commit.append(callback)
+
+    def _committed(self) -> None:
+        for callback in self._after_commit:
+            try:
+                callback()
+            except Exception as exc:  # the commit stands; a bug in a callback must not undo the caller
+                _log.exception("an after-commit callback raised", error=repr(exc))
+        self._after_commit.clear()
 
     async def execute(self, query: str, *args: Any) -> str:
         with _unavailable_on_connection_loss():
@@ -131,7 +149,9 @@ class Database:
         # set_config(..., true) is SET LOCAL: gone at commit or rollback.
         async with self._transaction("SELECT set_config('role', $1, true), set_config($2, $3, true)",
                                      APP_ROLE, TENANT_SETTING, tenant_id) as conn:
-            yield TenantTransaction(conn, tenant_id)
+            tx = TenantTransaction(conn, tenant_id)
+            yield tx
+        tx._committed()
 
     async def fetch_without_tenant(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """One read-only query in a transaction with no tenant set, where row-level security hides every

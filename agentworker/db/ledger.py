@@ -22,14 +22,24 @@ header, a message id) so that system can drop the repeat.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agentworker.db.database import SCHEMA, Database
+from agentworker.db.database import SCHEMA, Database, TenantTransaction
 
 Effect = Callable[[str], Awaitable[Any]]
+
+_effect_transaction: contextvars.ContextVar[TenantTransaction | None] = contextvars.ContextVar(
+    "agentworker_effect_transaction", default=None)
+
+
+def effect_transaction() -> TenantTransaction | None:
+    """The transaction of the effect running now (inside :meth:`Ledger.run_once`), else None: what an
+    effect records in it commits if and only if the effect is recorded as done."""
+    return _effect_transaction.get()
 
 
 def effect_key(tenant_id: str, run_id: str, step_id: str, call_key: str) -> str:
@@ -56,7 +66,11 @@ class Ledger:
                 run_id, step_id, call_key)
             if stored is not None:
                 return stored["result"]
-            result = await effect(key)
+            token = _effect_transaction.set(tx)
+            try:
+                result = await effect(key)
+            finally:
+                _effect_transaction.reset(token)
             try:
                 json.dumps(result)
             except (TypeError, ValueError) as exc:

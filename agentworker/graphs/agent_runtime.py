@@ -28,6 +28,7 @@ from agentworker.tools.registry import EmitFunction
 from agentworker.tools.toolset import AgentToolset
 
 if TYPE_CHECKING:
+    from agentworker.event_outbox import EventOutbox
     from agentworker.graphs.checkpoints import CheckpointStore
 
 _PREVIEW = 2000
@@ -45,6 +46,8 @@ class AgentEnvironment:
     log: Any
     #: None for agents that keep no state between jobs (workflow agent steps)
     checkpoints: CheckpointStore | None = None
+    #: where tools' promised events are recorded (ToolContext.emit_once); None: published best effort
+    outbox: EventOutbox | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ async def run_agent_step(*, context: ToolContext, instructions: str, tools: list
     if context.database is None:
         raise AgentStepUnavailable(f"step {context.step_id!r}: agent steps need the workflow's database")
     env = AgentEnvironment(tenant_id=context.tenant_id, database=context.database, emit=context.emit,
-                           log=context.log)
+                           log=context.log, outbox=context.outbox)
     try:
         outcome = await run_step_agent(env, run_id=context.run_id, step_id=context.step_id,
                                        instructions=instructions, tools=tools, model=model,

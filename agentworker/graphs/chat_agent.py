@@ -44,7 +44,7 @@ async def run_chat_turn(env: AgentEnvironment, *, conversation_id: str, message:
     thread = chat_thread(env.tenant_id, conversation_id)
     events = AgentEvents(env.emit, {"agent": "chat", "conversation_id": conversation_id})
     scope = ToolScope(tenant_id=env.tenant_id, run_id=f"chat:{conversation_id}", step_id=f"turn:{turn_id}",
-                      database=env.database, emit=env.emit, log=env.log)
+                      database=env.database, emit=env.emit, log=env.log, outbox=env.outbox)
     config = agent_config(thread, MAX_ITERATIONS)
     human_id = f"turn-{turn_id}"
     async with open_toolset(scope, read_only=True) as toolset, \

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -21,6 +21,9 @@ from agentworker.settings import InputLimits
 from agentworker.tools import builtin as _builtin_tools  # noqa: F401 - registers the built-in tools
 from agentworker.tools.registry import TOOLS, EmitFunction, ToolContext
 from agentworker.workflows.definition import AgentStep, HttpStep, LlmStep, StepBase, ToolStep, TransformStep
+
+if TYPE_CHECKING:
+    from agentworker.event_outbox import EventOutbox
 
 SIDE_EFFECT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _MAX_BODY_BYTES = 1_048_576
@@ -41,11 +44,13 @@ class StepEnvironment:
     ledger: Ledger
     emit: EmitFunction
     log: Any
+    #: where tools' promised events are recorded (:meth:`ToolContext.emit_once`); None: published best effort
+    outbox: EventOutbox | None = None
 
     def tool_context(self, step_id: str, call_key: str) -> ToolContext:
         return ToolContext(tenant_id=self.tenant_id, run_id=self.run_id, step_id=step_id, log=self.log,
                            idempotency_key=effect_key(self.tenant_id, self.run_id, step_id, call_key),
-                           emit=self.emit, database=self.ledger.database)
+                           emit=self.emit, database=self.ledger.database, outbox=self.outbox)
 
 
 #: the rendered fields of each step kind that go to a model as a prompt

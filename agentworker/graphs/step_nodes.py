@@ -5,6 +5,11 @@ LangGraph re-runs an interrupted node from its first line when the run resumes, 
 a crash re-runs the nodes of the superstep that was cut short. So everything a node does before it
 finishes is idempotent: a step with a completed record is skipped (its stored output reused), the
 approval request is an upsert, and side effects go through the ledger.
+
+The step events are promised (:mod:`agentworker.event_outbox`): each is recorded in the transaction
+that records the step change it reports and published after that commits, with an id derived from the
+run, the step, the attempt and the event name — a re-run or a relayed copy is the same event, and the
+tenant's stream keeps it once.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from typing import Annotated, Any, TypedDict
 from langgraph.types import interrupt
 
 from agentworker.db import approvals, runs
-from agentworker.db.database import Database, DatabaseError
+from agentworker.db.database import Database, DatabaseError, TenantTransaction
 from agentworker.db.runs import StepStatus
+from agentworker.event_outbox import EventOutbox
+from agentworker.events import stable_event_id
 from agentworker.graphs.step_kinds import PermanentStepError, StepEnvironment, execute
-from agentworker.tools.registry import EmitFunction
 from agentworker.workflows.definition import ApprovalStep, StepBase
 from agentworker.workflows.templates import TemplateError, render
 
@@ -61,8 +67,14 @@ class RunContext:
     job_id: str
     database: Database
     env: StepEnvironment
-    emit: EmitFunction
+    outbox: EventOutbox
     log: Any
+
+    async def promise(self, tx: TenantTransaction, event: str, data: dict[str, Any], *key: object) -> None:
+        """Record ``event`` in ``tx`` and publish it after the commit; ``key`` (step id, attempt) and the
+        event name make its id within the run."""
+        await self.outbox.promise(tx, event, data, stable_event_id(self.tenant_id, "workflow", self.run_id, event,
+                                                                   *key))
 
     def event(self, step_id: str | None, status: str, output: Any = None, **extra: Any) -> dict[str, Any]:
         """The data of a workflow event, in the seed's ``workflow_step_completed`` shape."""
@@ -115,7 +127,8 @@ async def _attempts(step: StepBase, run: RunContext, context: dict[str, Any]) ->
         async with run.database.tenant(run.tenant_id) as tx:
             attempt = await runs.start_step(tx, run.run_id, step.id, kind=step.kind, input_data=values,
                                             job_id=run.job_id)
-        await run.emit("workflow_step_started", run.event(step.id, "running", attempt=attempt))
+            await run.promise(tx, "workflow_step_started", run.event(step.id, "running", attempt=attempt),
+                              step.id, attempt)
         retryable = True
         deadline = asyncio.timeout(step.timeout_seconds)
         try:
@@ -138,13 +151,15 @@ async def _attempts(step: StepBase, run: RunContext, context: dict[str, Any]) ->
         else:
             async with run.database.tenant(run.tenant_id) as tx:
                 await runs.finish_step(tx, run.run_id, step.id, attempt, StepStatus.COMPLETED, output=output)
-            await run.emit("workflow_step_completed", run.event(step.id, "success", output))
+                await run.promise(tx, "workflow_step_completed", run.event(step.id, "success", output), step.id,
+                                  attempt)
             return {"outputs": {step.id: output}}
         will_retry = retryable and number < policy.max_attempts
         async with run.database.tenant(run.tenant_id) as tx:
             await runs.finish_step(tx, run.run_id, step.id, attempt, StepStatus.FAILED, error=error)
-        await run.emit("workflow_step_failed", run.event(step.id, "failed", None, attempt=attempt, error=error,
-                                                         will_retry=will_retry))
+            await run.promise(tx, "workflow_step_failed", run.event(step.id, "failed", None, attempt=attempt,
+                                                                    error=error, will_retry=will_retry),
+                              step.id, attempt)
         run.log.warning("step failed", step_id=step.id, attempt=attempt, will_retry=will_retry, **error)
         if not will_retry:
             raise StepFailed(step.id, error)
@@ -166,10 +181,11 @@ async def _approval(step: ApprovalStep, run: RunContext, context: dict[str, Any]
         else:
             attempt = await runs.start_step(tx, run.run_id, step.id, kind=step.kind, input_data=request,
                                             job_id=run.job_id, status=StepStatus.WAITING_APPROVAL)
-    if approval.status == "pending":
-        # Not on the re-run that follows resume_run (it decided the approval first): no duplicate event.
-        await run.emit("workflow_waiting_for_approval", run.event(step.id, "waiting_approval", request,
-                                                                  attempt=attempt))
+        if approval.status == "pending":
+            # Not on the re-run that follows resume_run (it decided the approval first); a re-run before
+            # the decision makes the same event again (same id: the stream keeps one).
+            await run.promise(tx, "workflow_waiting_for_approval",
+                              run.event(step.id, "waiting_approval", request, attempt=attempt), step.id, attempt)
     decision = interrupt({"step_id": step.id, **request})
     approved = bool(decision.get("approved")) if isinstance(decision, dict) else False
     output = {"approved": approved, "comment": decision.get("comment") if isinstance(decision, dict) else None,
@@ -177,7 +193,8 @@ async def _approval(step: ApprovalStep, run: RunContext, context: dict[str, Any]
     async with run.database.tenant(run.tenant_id) as tx:
         await runs.finish_step(tx, run.run_id, step.id, attempt,
                                StepStatus.COMPLETED if approved else StepStatus.REJECTED, output=output)
-    await run.emit("workflow_step_completed", run.event(step.id, "success" if approved else "rejected", output))
+        await run.promise(tx, "workflow_step_completed",
+                          run.event(step.id, "success" if approved else "rejected", output), step.id, attempt)
     update: dict[str, Any] = {"outputs": {step.id: output}}
     if not approved:
         update["halted"] = step.id

@@ -67,7 +67,7 @@ async def run_tool_agent(env: AgentEnvironment, *, run_id: str, instructions: st
     thread = agent_thread(env.tenant_id, run_id)
     events = AgentEvents(env.emit, {"agent": "tool", "run_id": run_id})
     scope = ToolScope(tenant_id=env.tenant_id, run_id=f"agent:{run_id}", step_id="tools", database=env.database,
-                      emit=env.emit, log=env.log)
+                      emit=env.emit, log=env.log, outbox=env.outbox)
     config = agent_config(thread, max_iterations)
     async with open_toolset(scope, names=tools) as toolset, env.checkpoints.saver(env.tenant_id, thread) as saver:
         agent = build_agent(chosen, toolset, system_prompt=TOOL_AGENT_PROMPT, checkpointer=saver,
@@ -129,7 +129,7 @@ async def run_step_agent(env: AgentEnvironment, *, run_id: str, step_id: str, in
     chosen = await agent_model(env, model, timeout=timeout)
     events = AgentEvents(env.emit, {"agent": "step", "run_id": run_id, "step_id": step_id})
     scope = ToolScope(tenant_id=env.tenant_id, run_id=run_id, step_id=step_id, database=env.database,
-                      emit=env.emit, log=env.log)
+                      emit=env.emit, log=env.log, outbox=env.outbox)
     config = agent_config(f"{env.tenant_id}:step:{run_id}:{step_id}", max_iterations)
     async with open_toolset(scope, names=list(tools)) as toolset:
         agent = build_agent(chosen, toolset, system_prompt=STEP_AGENT_PROMPT, checkpointer=InMemorySaver(),

@@ -45,6 +45,7 @@ from redis.exceptions import RedisError
 
 from agentworker import jobs, keys, metrics
 from agentworker.config import ConfigError, QuotaConfig, load_config, resolve_config_path
+from agentworker.event_outbox import relay_forever
 from agentworker.events import EventPublisher
 from agentworker.job_leases import publish_limits, quota_file_version
 from agentworker.logs import configure_logging, get_logger
@@ -140,6 +141,8 @@ class WorkerProcess:
             asyncio.create_task(dispatch_for_worker(self.runtime), name="schedule-dispatcher"),
             # Workflow runs left `running` with no job behind them: one process at a time fails them.
             asyncio.create_task(sweep_forever(self.runtime), name="run-sweeper"),
+            # Promised events whose process died (or is still waiting for Redis): one process relays them.
+            asyncio.create_task(relay_forever(redis, self.runtime.database, self.runtime.events), name="event-relay"),
         ]
         mains = [asyncio.create_task(w.main(), name=f"shard-{w.shard}") for w in self.workers]
         self.state = "serving"

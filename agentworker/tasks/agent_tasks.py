@@ -79,7 +79,7 @@ async def _environment(ctx: JobContext) -> AgentEnvironment:
 
     database = await database_of(ctx)
     return AgentEnvironment(tenant_id=ctx.tenant_id, database=database, emit=ctx.emit_best_effort, log=ctx.log,
-                            checkpoints=await checkpoints_of(ctx))
+                            checkpoints=await checkpoints_of(ctx), outbox=await ctx.runtime.event_outbox())
 
 
 #: set on an exception once its task has published agent_run_failed for it, so the final-failure hook

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from agentworker.config import QuotaConfig
 from agentworker.db import Database, open_database
+from agentworker.event_outbox import EventOutbox
 from agentworker.events import EventPublisher
 from agentworker.settings import Settings
 
@@ -66,6 +67,16 @@ class JobRuntime:
         url = self.settings.database_url
         size = self.config.pools[self.pool].concurrency + 6
         return await self.resources.get("database", lambda: open_database(url, max_size=size))
+
+    async def event_outbox(self) -> EventOutbox:
+        """The process's event outbox (:mod:`agentworker.event_outbox`), made after the database pool, so
+        it is closed (flushing what it can) before that pool is."""
+
+        async def make() -> EventOutbox:
+            await self.database()
+            return EventOutbox(self.events, self.database)
+
+        return await self.resources.get("event-outbox", make)
 
 
 @dataclass

@@ -140,7 +140,7 @@ def _former_configs(runtime: JobRuntime) -> list[QuotaConfig]:
 def _publish_nowait(runtime: JobRuntime, tenant_id: str, event: str, data: dict[str, Any]) -> None:
     _record, written = runtime.events.publish_nowait(tenant_id, event, data)
 
-    def lost(future: asyncio.Future[None]) -> None:
+    def lost(future: asyncio.Future[bool]) -> None:
         if not future.cancelled() and future.exception() is not None:
             log.warning("event not published", event_name=event, error=str(future.exception()))
 

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import random
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
@@ -35,7 +34,8 @@ from agentworker.db import DatabaseError, DatabaseNotMigrated, runs
 from agentworker.db.runs import IdleRun
 from agentworker.jobs import job_key
 from agentworker.logs import get_logger
-from agentworker.tasks.workflow_tasks import run_event
+from agentworker.redis_lock import RedisLock
+from agentworker.tasks.workflow_tasks import promise_run_event, run_event
 
 if TYPE_CHECKING:
     from agentworker.tasks.context import JobRuntime
@@ -52,14 +52,6 @@ PAGE_SIZE = 100
 #: a sweep stops listing more runs after this share of the lock's life (the lock must outlive it)
 _SWEEP_BUDGET_SHARE = 0.8
 _NOT_MIGRATED_PAUSE_S = 60.0
-
-# Delete the lock only if it still holds our token: after it expired, another process may hold it.
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 def orphan_error(job_id: str) -> dict[str, Any]:
@@ -104,39 +96,26 @@ async def _jobs_alive(redis: Redis, job_ids: list[str]) -> list[bool]:
 
 async def _fail_orphan(runtime: JobRuntime, idle: IdleRun, older_than_s: float) -> bool:
     database = await runtime.database()
+    outbox = await runtime.event_outbox()
     error = orphan_error(idle.job_id)
     async with database.tenant(idle.tenant_id) as tx:
         run = await runs.fail_running_run(tx, idle.run_id, job_id=idle.job_id, error=error,
                                           idle_for_s=older_than_s)
+        if run is not None:  # announced after the commit, through the outbox
+            await promise_run_event(outbox, tx, run, "workflow_run_failed",
+                                    run_event(run, "failed", None, {"error": error}))
     if run is None:
         return False  # it moved on since it was listed
     log.warning("orphaned run failed", tenant_id=idle.tenant_id, run_id=idle.run_id, job_id=idle.job_id,
                 workflow_id=run.workflow_id)
-    try:
-        await runtime.events.publish(idle.tenant_id, "workflow_run_failed",
-                                     run_event(run, "failed", None, {"error": error}))
-    except (RedisError, OSError) as exc:
-        # The run is failed in PostgreSQL either way; only the announcement is lost.
-        log.warning("event not published", event_name="workflow_run_failed", tenant_id=idle.tenant_id,
-                    run_id=idle.run_id, error=str(exc))
     return True
 
 
-class SweepLock:
-    """The sweeper's Redis lock: ``SET NX PX`` with a token of our own, deleted only if still ours."""
+class SweepLock(RedisLock):
+    """The run sweeper's lock (:func:`agentworker.keys.run_sweeper_lock`)."""
 
     def __init__(self, redis: Redis, hold_s: float) -> None:
-        self.redis = redis
-        self.hold_ms = max(1, int(hold_s * 1000))
-        self.token = uuid.uuid4().hex
-        self._release = redis.register_script(_RELEASE_LUA)
-
-    async def acquire(self) -> bool:
-        return bool(await self.redis.set(keys.run_sweeper_lock(), self.token, nx=True, px=self.hold_ms))
-
-    async def release(self) -> bool:
-        """Delete the lock if it still holds our token; True if it did."""
-        return bool(await self._release(keys=[keys.run_sweeper_lock()], args=[self.token]))
+        super().__init__(redis, keys.run_sweeper_lock(), hold_s)
 
 
 async def sweep_once(runtime: JobRuntime, *, hold_s: float = SWEEP_INTERVAL_S,

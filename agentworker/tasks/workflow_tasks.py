@@ -24,13 +24,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from agentworker.db import Database, DatabaseError, DatabaseUnavailable, approvals, definitions, runs
+from agentworker.db.database import TenantTransaction
 from agentworker.db.ledger import Ledger
 from agentworker.db.runs import InvalidRunId, RunRecord, RunStatus, StepStatus
+from agentworker.events import stable_event_id
 from agentworker.tasks.context import JobContext
 from agentworker.tasks.registry import task
 from agentworker.workflows.definition import WORKFLOW_ID_PATTERN, parse_workflow
 
 if TYPE_CHECKING:
+    from agentworker.event_outbox import EventOutbox
     from agentworker.graphs.checkpoints import CheckpointStore
     from agentworker.graphs.workflow_agent import RunOutcome
 
@@ -99,6 +102,7 @@ async def fail_job_run(ctx: JobContext, reason: str, error: BaseException, *, ru
     try:
         async with asyncio.timeout(_HOOK_DATABASE_BUDGET_S):
             database = await database_of(ctx)
+            outbox = await ctx.runtime.event_outbox()
             async with database.tenant(ctx.tenant_id) as tx:
                 target = run_id
                 if target is None:
@@ -106,6 +110,9 @@ async def fail_job_run(ctx: JobContext, reason: str, error: BaseException, *, ru
                     target = found.run_id if found is not None else None
                 run = None if target is None else await runs.fail_running_run(tx, target, job_id=ctx.job_id,
                                                                                error=recorded)
+                if run is not None:
+                    await promise_run_event(outbox, tx, run, "workflow_run_failed",
+                                            run_event(run, "failed", None, {"error": recorded}))
     except (DatabaseError, TimeoutError, OSError) as exc:
         ctx.log.warning("run not marked failed; the run sweeper will", reason=reason, error=str(exc) or repr(exc))
         return
@@ -115,7 +122,6 @@ async def fail_job_run(ctx: JobContext, reason: str, error: BaseException, *, ru
     if run is None:
         return
     ctx.log.warning("run failed with its job", run_id=run.run_id, workflow_id=run.workflow_id, reason=reason)
-    await ctx.emit_best_effort("workflow_run_failed", run_event(run, "failed", None, {"error": recorded}))
 
 
 async def _execute_workflow_failed(ctx: JobContext, payload: dict[str, Any], reason: str,
@@ -150,7 +156,7 @@ async def execute_workflow(ctx: JobContext, tenant_id: str, workflow_id: str, tr
     if not isinstance(input_data, dict):
         raise ValueError(f"input_data must be a JSON object, got {type(input_data).__name__}")
     database = await database_of(ctx)
-    emit = ctx.emit_best_effort
+    outbox = await ctx.runtime.event_outbox()
     async with database.tenant(tenant_id) as tx:
         run = await runs.find_run_by_key(tx, ctx.job_id)
         created = False
@@ -161,6 +167,9 @@ async def execute_workflow(ctx: JobContext, tenant_id: str, workflow_id: str, tr
             run, created = await runs.create_run(tx, workflow_id=workflow_id, workflow_version=stored.version,
                                                  idempotency_key=ctx.job_id, trigger=trigger, input_data=input_data,
                                                  job_id=ctx.job_id)
+            if created:
+                await promise_run_event(outbox, tx, run, "workflow_run_started",
+                                        run_event(run, "running", {"trigger": trigger}))
         elif run.status == RunStatus.RUNNING:
             await runs.count_attempt(tx, run.run_id, job_id=ctx.job_id)
         waiting = [a.step_id for a in await approvals.pending_approvals(tx, run.run_id)]
@@ -169,8 +178,6 @@ async def execute_workflow(ctx: JobContext, tenant_id: str, workflow_id: str, tr
         ctx.log.info("run already advanced by an earlier try", run_id=run.run_id, status=run.status)
         return _summary(run, run.status, run.output, run.error, waiting)
     ctx.log.info("workflow run", run_id=run.run_id, workflow_id=run.workflow_id, new=created)
-    if created:
-        await emit("workflow_run_started", run_event(run, "running", {"trigger": trigger}))
     assert stored is not None
     outcome = await _advance(ctx, database, run, stored.definition, resume=None)
     return await _record(ctx, database, run, outcome)
@@ -257,11 +264,12 @@ async def _advance(ctx: JobContext, database: Database, run: RunRecord, definiti
     from agentworker.graphs.workflow_agent import RunOutcome, advance_run
 
     definition = parse_workflow(definition_json)
-    emit = ctx.emit_best_effort
     log = ctx.log.bind(run_id=run.run_id, workflow_id=run.workflow_id)
-    env = StepEnvironment(tenant_id=run.tenant_id, run_id=run.run_id, ledger=Ledger(database), emit=emit, log=log)
+    outbox = await ctx.runtime.event_outbox()
+    env = StepEnvironment(tenant_id=run.tenant_id, run_id=run.run_id, ledger=Ledger(database),
+                          emit=ctx.emit_best_effort, log=log, outbox=outbox)
     context = RunContext(tenant_id=run.tenant_id, workflow_id=run.workflow_id, run_id=run.run_id,
-                         job_id=ctx.job_id, database=database, env=env, emit=emit, log=log)
+                         job_id=ctx.job_id, database=database, env=env, outbox=outbox, log=log)
     checkpoints = await checkpoints_of(ctx)
     budget = max(0.5, ctx.remaining - _RECORD_MARGIN_S)
     deadline = asyncio.timeout(budget)
@@ -277,20 +285,30 @@ async def _advance(ctx: JobContext, database: Database, run: RunRecord, definiti
 
 
 async def _record(ctx: JobContext, database: Database, run: RunRecord, outcome: RunOutcome) -> dict[str, Any]:
+    outbox = await ctx.runtime.event_outbox()
     async with database.tenant(run.tenant_id) as tx:
         if outcome.status in (RunStatus.FAILED, RunStatus.REJECTED):
             await runs.interrupt_running_steps(tx, run.run_id)
         await runs.set_run_status(tx, run.run_id, outcome.status, output=outcome.output, error=outcome.error)
-    emit = ctx.emit_best_effort
-    if outcome.status in (RunStatus.COMPLETED, RunStatus.REJECTED):
-        await emit("workflow_run_completed", run_event(run, outcome.status.value, outcome.output))
-    elif outcome.status == RunStatus.FAILED:
-        await emit("workflow_run_failed", run_event(run, "failed", None, {"error": outcome.error}))
+        if outcome.status in (RunStatus.COMPLETED, RunStatus.REJECTED):
+            await promise_run_event(outbox, tx, run, "workflow_run_completed",
+                                    run_event(run, outcome.status.value, outcome.output))
+        elif outcome.status == RunStatus.FAILED:
+            await promise_run_event(outbox, tx, run, "workflow_run_failed",
+                                    run_event(run, "failed", None, {"error": outcome.error}))
+    if outcome.status == RunStatus.FAILED:
         error = outcome.error or {}
         raise WorkflowRunFailed(f"run {run.run_id} of workflow {run.workflow_id!r} failed"
                                 + (f" at step {error['step_id']!r}" if error.get("step_id") else "")
                                 + f": {error.get('message', 'unknown error')}")
     return _summary(run, outcome.status, outcome.output, outcome.error, outcome.waiting_for)
+
+
+async def promise_run_event(outbox: EventOutbox, tx: TenantTransaction, run: RunRecord, event: str,
+                            data: dict[str, Any]) -> None:
+    """Record a ``workflow_run_*`` event in ``tx`` (with the run's change) and publish it after the commit.
+    A run starts once and ends once, so the run and the event name make its id."""
+    await outbox.promise(tx, event, data, stable_event_id(run.tenant_id, "workflow", run.run_id, event))
 
 
 def run_event(run: RunRecord, status: str, output: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from agentworker.integrations import describe_errors
 
 if TYPE_CHECKING:
     from agentworker.db.database import Database
+    from agentworker.event_outbox import EventOutbox
 
 NAME_RE = r"^[a-z][a-z0-9_.]{0,63}$"
 DEFAULT_TOOL_TIMEOUT = 30.0
@@ -61,6 +62,25 @@ class ToolContext:
     emit: EmitFunction
     #: the database of the tenant's rows (settings, calendar, outbox); None where no job provides one
     database: Database | None = None
+    #: where :meth:`emit_once` records events; None where no job provides one
+    outbox: EventOutbox | None = None
+
+    async def emit_once(self, event: str, data: dict[str, Any]) -> None:
+        """Publish an event this call promises, exactly once in the tenant's stream: inside a
+        side-effecting call (the ledger runs it) the event is recorded in the ledger's transaction with
+        an id derived from :attr:`idempotency_key` and ``event``, and published after the commit, retried
+        until Redis takes it. A retried call whose first try was recorded is not run again, so it emits
+        nothing; one that died before its commit emits the same event (same id) once. One event of each
+        name per call. Elsewhere (no ledger, no outbox) it is :attr:`emit`: published once, best effort."""
+        from agentworker.db.ledger import effect_transaction
+        from agentworker.events import stable_event_id
+
+        tx = effect_transaction()
+        if tx is None or self.outbox is None or tx.tenant_id != self.tenant_id:
+            await self.emit(event, data)
+            return
+        await self.outbox.promise(tx, event, data, stable_event_id(self.tenant_id, "effect", self.idempotency_key,
+                                                                   event))
 
 
 ToolFunction = Callable[[ToolContext, dict[str, Any]], Awaitable[Any]]

@@ -30,6 +30,8 @@ from agentworker.tools.registry import TOOLS, EmitFunction, Tool, ToolContext, U
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
 
+    from agentworker.event_outbox import EventOutbox
+
 
 @dataclass(frozen=True, slots=True)
 class ToolScope:
@@ -41,6 +43,8 @@ class ToolScope:
     database: Database
     emit: EmitFunction
     log: Any
+    #: where tools' promised events are recorded (ToolContext.emit_once); None: published best effort
+    outbox: EventOutbox | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +71,8 @@ def ledger_caller(scope: ToolScope) -> ToolCaller:
 
     def context(key: str) -> ToolContext:
         return ToolContext(tenant_id=scope.tenant_id, run_id=scope.run_id, step_id=scope.step_id,
-                           idempotency_key=key, log=scope.log, emit=scope.emit, database=scope.database)
+                           idempotency_key=key, log=scope.log, emit=scope.emit, database=scope.database,
+                           outbox=scope.outbox)
 
     async def call(found: Tool, args: dict[str, Any]) -> Any:
         call_key = f"{found.name}:{arguments_digest(args)}"
