@@ -41,7 +41,9 @@ from arq.constants import abort_jobs_ss
 from arq.jobs import serialize_result
 from arq.utils import timestamp_ms
 from arq.worker import Function, Retry
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agentworker import jobs, keys, metrics
 from agentworker.config import PoolQuota
@@ -374,14 +376,32 @@ class ShardWorker:
                        self.leases.held_key]
         if tenant is not None:
             finish_keys.append(keys.tenant_leases(tenant))
+        args = [job_id, self.leases.holder, mode, result_data or b"", "" if forever else int(keep_s * 1000),
+                "" if requeue_at is None else requeue_at, self.leases.member(job_id), self.q]
         try:
-            ours = await self._finish(keys=finish_keys, args=[
-                job_id, self.leases.holder, mode, result_data or b"", "" if forever else int(keep_s * 1000),
-                "" if requeue_at is None else requeue_at, self.leases.member(job_id), self.q])
+            ours = await self._finish_while_leased(job_id, finish_keys, args)
         finally:
             self.leases.forget(job_id)
         if not ours:
             log.warning("job finished here after another worker took it over; its outcome wins", job_id=job_id)
+
+    async def _finish_while_leased(self, job_id: str, finish_keys: list[Any], args: list[Any]) -> bool:
+        """Run the finish script, trying again while Redis is unreachable for as long as the job's lease
+        could still be ours (one lease TTL): a Redis blip then delays the job's result by the blip, not
+        by a lease lapse and a re-run. Past that, the error propagates; the lease lapses and the job runs
+        again (as a crash: no try spent). A finish whose reply was lost and that is sent again finds the
+        lease gone and writes nothing (it reads as "taken over"; the first one's outcome stands)."""
+        give_up_at = asyncio.get_running_loop().time() + self.leases.job_ttl_ms / 1000
+        delay = 0.1
+        while True:
+            try:
+                return bool(await self._finish(keys=finish_keys, args=args))
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if asyncio.get_running_loop().time() + delay > give_up_at:
+                    raise
+                log.info("finishing job waits for Redis", job_id=job_id, error=str(exc) or repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def _move_to_dead_letters(self, raw: bytes, job_id: str | None, reason: str, detail: str,
                                     score: float) -> None:
@@ -442,7 +462,8 @@ class ShardWorker:
                 if not task.cancelled() and task.exception() is not None:
                     # run_job handles job errors itself; this is a Redis failure while finishing a job. Its
                     # lease lapses and the job runs again (as a crash: no try spent).
-                    log.error("finishing job failed", job_id=job_id, error=repr(task.exception()))
+                    log.warning("finishing job failed; its lease lapses and it runs again", job_id=job_id,
+                                error=repr(task.exception()))
 
     async def wait_idle(self) -> None:
         while self.tasks:

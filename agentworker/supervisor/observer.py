@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from agentworker import keys
 from agentworker.config import QuotaConfig
@@ -223,6 +223,14 @@ class RedisObserver:
                 log.info("queued jobs found where their tenants no longer route; moved", jobs=moved)
 
     async def _read_counts(self) -> None:
+        try:
+            await self._read_counts_once()
+        except NoScriptError:
+            # Redis restarted and lost its scripts: load the depth script again and read once more.
+            self._depth_sha = None
+            await self._read_counts_once()
+
+    async def _read_counts_once(self) -> None:
         if self._depth_sha is None:
             self._depth_sha = await self.redis.script_load(lua_source("depth"))
         _version, config = self._config()
