@@ -17,7 +17,7 @@ run: $(STAMP)
 	$(BIN)/agentworker run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 4
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

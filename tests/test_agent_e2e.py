@@ -27,12 +27,13 @@ SECRETS = ("sk-fake-key", "smtp-secret-xyz", CRM_TOKENS[0])
 async def test_the_agent_looks_up_the_contact_and_sends_one_email_even_when_killed_right_after_sending(
         redis_url: str, write_quotas: Callable[..., Path], database_url: str, database: Database,
         spawn_worker: Any, smtp_server: Any, fake_crm: Any, fake_openai: Any) -> None:
-    # Without a supervisor to release it, a SIGKILLed worker's job lease lapses after AGENTWORKER_JOB_LEASE_TTL.
+    # Without a supervisor to release it, a SIGKILLed worker's job lease lapses after AGENTWORKER_JOB_LEASE_TTL
+    # (3 s here, not the default 10).
     path = write_quotas({"pools": {"standard": {"shards": 2, "job_timeout": 12, "max_tries": 3}}})
     # The server keeps the message but holds its reply: the worker dies not knowing it was accepted.
     smtp = smtp_server(hold_first=30)
     tenant = new_tenant("mail")
-    env = workflow_worker_env(database_url)
+    env = workflow_worker_env(database_url, AGENTWORKER_JOB_LEASE_TTL="3")
     first = spawn_worker(path, slot=0, **env)
     async with workflow_client(redis_url, path, database) as client:
         await client.save_integration(tenant, "model", model_settings(fake_openai, streaming=True))

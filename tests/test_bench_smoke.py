@@ -17,7 +17,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = [pytest.mark.slow,
+# Not in the default run (pyproject's addopts deselect "bench"): .ci/run runs it after `make test`.
+pytestmark = [pytest.mark.slow, pytest.mark.bench,
               pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")]
 
 

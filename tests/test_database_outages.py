@@ -313,6 +313,15 @@ async def test_a_connect_timeout_is_unavailable_when_opening_and_when_the_pool_r
         await front.close()
 
 
+def postmaster_status(server: PrivatePostgres) -> str | None:
+    """What the postmaster says it is doing, in its lock file: starting, ready, standby or stopping."""
+    try:
+        lines = (server.data / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return None
+    return lines[7].strip() if len(lines) > 7 else None
+
+
 async def test_a_server_shutting_down_refuses_new_connections_as_unavailable(server: PrivatePostgres,
                                                                             url: str) -> None:
     db = await open_database(url, max_size=2)
@@ -323,7 +332,7 @@ async def test_a_server_shutting_down_refuses_new_connections_as_unavailable(ser
             stopping = await asyncio.create_subprocess_exec(
                 *server._as_user, str(server.bin_dir / "pg_ctl"), "-D", str(server.data), "-m", "smart", "-w",
                 "-t", "60", "stop", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            await wait_for(lambda: "shutdown request" in server.server_log(), 10, what="the shutdown to begin")
+            await wait_for(lambda: postmaster_status(server) == "stopping", 10, what="the shutdown to begin")
             with pytest.raises(DatabaseUnavailable) as info:
                 await use(db)
             assert isinstance(cause_of(info), asyncpg.CannotConnectNowError)

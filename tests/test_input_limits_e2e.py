@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 import yaml
+from redis.asyncio import Redis
 
+from agentworker import keys
 from tests.conftest import make_client, wait_for
 from tests.supervisor_helpers import SupervisorProcess, serving_pids, supervisor_factory
 from tests.test_input_limits import DEEP, LATIN1, alias_bomb, many_aliases
@@ -94,7 +96,8 @@ async def test_a_latin1_quota_file_is_refused_by_the_supervisor_and_no_worker_re
     # Valid but for a Latin-1 comment, and it would change the workers' concurrency if it were taken.
     config.write_bytes(LATIN1.replace(b"{shards: 2}", b"{shards: 1, processes: 2, concurrency: 9}"))
     # The file watcher (polling every 0.5 s) refuses it first, then the admin endpoint and SIGHUP.
-    await wait_for(lambda: len(refusals(sup.log())) >= 1, 20, what="the watcher to refuse the file")
+    await sup.wait_status(lambda s: (s["supervisor"]["last_reload"] or {}).get("trigger") == "file change", 20,
+                          what="the watcher to refuse the file")
     code, body = await sup.get_json("/admin/reload", "POST", token=TOKEN)
     assert code == 422 and body["ok"] is False
     assert body["errors"] == ["the file is not UTF-8: byte 0xe9 at line 4, column 15 cannot be decoded "
@@ -155,7 +158,7 @@ async def test_big_bombed_and_deep_quota_files_are_refused_quickly_while_health_
 
 @pytest.mark.timeout(120)
 async def test_a_worker_refuses_a_latin1_file_on_sighup_and_keeps_serving(
-        spawn_worker: Any, write_quotas: Callable[..., Path], redis_url: str) -> None:
+        spawn_worker: Any, write_quotas: Callable[..., Path], redis_url: str, redis: Redis) -> None:
     data = {"pools": {"standard": {"shards": 1, "concurrency": 4, "job_timeout": 30}},
             "tenants": {"acme": {"max_concurrency": 2}}}
     path = write_quotas(data)
@@ -180,4 +183,9 @@ async def test_a_worker_refuses_a_latin1_file_on_sighup_and_keeps_serving(
     # A good file afterwards is taken.
     path.write_text(yaml.safe_dump({**data, "tenants": {"acme": {"max_concurrency": 1}}}))
     worker.signal(signal.SIGHUP)
-    await wait_for(lambda: '"quota file reloaded"' in worker.log(), 20, what="the good file to be taken")
+    await wait_for(lambda: _acme_limits_are(redis, b"1 1 -1"), 20, what="the good file's cap to be published")
+
+
+async def _acme_limits_are(redis: Redis, value: bytes) -> bool:
+    """acme's limits as the worker published them for the claim script (max_concurrency weight max_pending)."""
+    return await redis.hget(keys.tenant_limits("standard"), "acme") == value

@@ -61,7 +61,7 @@ async def test_sigterm_drains_running_jobs_requeues_the_rest_and_exits_0(
     workers = set(serving_pids(status, "standard"))
 
     async with make_client(redis_url, config) as client:
-        long_ids = await enqueue_sleeps(client, 4, 6, "long")  # longer than the 2 s grace
+        long_ids = await enqueue_sleeps(client, 4, 3, "long")  # longer than the 2 s grace
         await wait_for(lambda: _at_least(counter(redis, "probe:long:running"), 4), 20, what="long jobs running")
         short_ids = await enqueue_sleeps(client, 4, 0.5, "short")
         await wait_for(lambda: _at_least(counter(redis, "probe:short:running"), 4), 20, what="short jobs running")
@@ -211,7 +211,7 @@ async def test_lowered_tenant_cap_applies_at_once_and_sighup_removes_a_pool(
 
 
 @pytest.mark.timeout(300)
-async def test_metrics_survive_50_restarts_with_a_bounded_directory(
+async def test_metrics_survive_20_restarts_with_a_bounded_directory(
         supervisors: Callable[..., SupervisorProcess], write_quotas: Quotas, redis_url: str) -> None:
     slots = 4
     config = write_quotas({"default_pool": "standard", "pools": {"standard": {
@@ -221,7 +221,7 @@ async def test_metrics_survive_50_restarts_with_a_bounded_directory(
     ran = 0
     async with make_client(redis_url, config) as client:
         recycled = 0.0
-        while recycled < 50:
+        while recycled < 20:  # five lifetimes of each of the 4 slots: unbounded files would be 24 pids' worth
             batch = [await client.enqueue("echo", tenant_id=f"t{i}", payload={"message": "m"}) for i in range(slots)]
             for job in batch:
                 assert await job.result(timeout=30) == "m"
@@ -263,9 +263,9 @@ async def test_two_supervisors_share_the_work_and_one_can_leave_without_losing_j
 
     async with make_client(redis_url, config) as client:
         # What is promised is that both serve the shared queues, not how a given batch splits between
-        # them: keep work queued (16 jobs of 1 s is 8 s for one alone) until each has served some, read
+        # them: keep work queued (16 jobs of 0.5 s is 4 s for one alone) until each has served some, read
         # from its status (worker heartbeats, which lag a second), within a bounded wait.
-        ids = await enqueue_sleeps(client, 16, 1.0, "share", tenants=8)
+        ids = await enqueue_sleeps(client, 16, 0.5, "share", tenants=8)
 
         async def both_served() -> bool:
             served = [sum(r["jobs_served"] for r in slot_rows(await sup.status(), "standard"))
@@ -273,7 +273,7 @@ async def test_two_supervisors_share_the_work_and_one_can_leave_without_losing_j
             if all(served):
                 return True
             if len(await probe_runs(redis)) == len(ids):  # all done, and one has served nothing yet: more
-                ids.extend(await enqueue_sleeps(client, 8, 1.0, f"share{len(ids)}", tenants=8))
+                ids.extend(await enqueue_sleeps(client, 8, 0.5, f"share{len(ids)}", tenants=8))
             return False
 
         await wait_for(both_served, 60, what="both supervisors to serve jobs of the shared queues", interval=0.25)
@@ -281,7 +281,7 @@ async def test_two_supervisors_share_the_work_and_one_can_leave_without_losing_j
             await client.job(job_id).result(timeout=30)
 
         workers = set(serving_pids(await first.status(), "standard"))
-        more = await enqueue_sleeps(client, 16, 1.5, "leave", tenants=8)
+        more = await enqueue_sleeps(client, 8, 1.5, "leave", tenants=8)
         # 3 of 4 slots busy: both supervisors are running jobs, so the first leaves with jobs in hand.
         await wait_for(lambda: _at_least(counter(redis, "probe:leave:running"), 3), 30, what="jobs running")
         first.signal(signal.SIGTERM)
@@ -298,8 +298,9 @@ async def test_a_redis_outage_fails_readiness_not_liveness_and_nothing_restarts(
     server = RedisServer()
     server.start()
     try:
+        # A short hang_timeout: a worker whose loop stalled on the outage would be replaced while Redis is down.
         config = write_quotas({"default_pool": "standard", "pools": {
-            "standard": {"shards": 2, "processes": 2, "concurrency": 2, "job_timeout": 30}}})
+            "standard": {"shards": 2, "processes": 2, "concurrency": 2, "job_timeout": 30, "hang_timeout": 3}}})
         sup = supervisors(config, name="outage", redis=server.url)
         status = await sup.wait_ready()
         pids = serving_pids(status, "standard")
@@ -314,9 +315,9 @@ async def test_a_redis_outage_fails_readiness_not_liveness_and_nothing_restarts(
         await wait_for(not_ready, 20, what="/ready to fail without Redis", interval=0.2)
         code, ready = await sup.get_json("/ready")
         assert code == 503 and ready["checks"]["redis:ping"][0]["status"] == "fail"
-        # Keep Redis down 10 s; liveness must hold all along.
+        # Keep Redis down 5 s (past the hang_timeout); liveness must hold all along.
         loop = asyncio.get_running_loop()
-        down_until = loop.time() + 10
+        down_until = loop.time() + 5
         while loop.time() < down_until:
             health_codes.append((await sup.request("/health"))[0])
             await asyncio.sleep(0.5)
