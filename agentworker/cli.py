@@ -195,13 +195,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     from agentworker.db.migrate import MigrationError, migrate
     from agentworker.db.urls import redact_url
-    from agentworker.graphs.checkpoints import setup_checkpoint_tables
 
     if args.database_url is not None:
         check_database_url(args.database_url, "--database-url")
     url = args.database_url or _settings(args).database_url
     try:
-        report = asyncio.run(migrate(url, after=[setup_checkpoint_tables]))
+        report = asyncio.run(migrate(url))
     except MigrationError as exc:
         raise CommandError(str(exc), EXIT_FAILED) from None
     except ClientConfigurationError as exc:  # a URL option check_database_url does not know
@@ -210,7 +209,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     for label in report.applied:
         print(f"applied {label}")
     state = f"{len(report.applied)} migration(s) applied" if report.applied else "already up to date"
-    print(f"{redact_url(url)}: {state}; LangGraph checkpoint tables ready")
+    checkpoints = "LangGraph checkpoint tables ready" if report.checkpoint_tables else "LangGraph not installed"
+    print(f"{redact_url(url)}: {state}; {checkpoints}")
     return EXIT_OK
 
 

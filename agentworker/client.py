@@ -11,7 +11,12 @@
             ...
 
 The client routes each tenant itself (see :mod:`agentworker.routing`), checks admission (``max_pending``,
-``rate_limit``) and enqueues in one atomic Redis call (:mod:`agentworker.admission`).
+``rate_limit``) and enqueues in one atomic Redis call, through the service's own submitter
+(:mod:`agentworker.submit`, :mod:`agentworker.admission`).
+
+The client closes what it opened and nothing else: :meth:`AgentWorkerClient.from_settings` makes its Redis
+client (closed by :meth:`~AgentWorkerClient.close`); a Redis client or a database handed to
+``AgentWorkerClient(redis, ..., database=...)`` stays the caller's, open after ``close()``.
 
 Workflows (PostgreSQL, ``AGENTWORKER_DATABASE_URL``, connected on first use) — no SQL needed by the backend:
 
@@ -45,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -59,38 +63,28 @@ from typing import Any, Self
 from redis.asyncio import Redis
 
 from agentworker import jobs, keys
-from agentworker.admission import Admission, Enqueuer
 from agentworker.config import ConfigError, QuotaConfig, QuotaFileWatch, load_config, resolve_config_path
 from agentworker.db import Database, definitions, open_database, runs
 from agentworker.db import integrations as integration_rows
 from agentworker.db import schedules as schedule_rows
 from agentworker.db.definitions import StoredWorkflow
 from agentworker.db.runs import RunRecord
+from agentworker.errors import AgentWorkerError
 from agentworker.events import Event, read_events
 from agentworker.integrations import DEFAULT_NAME, SETTINGS_BY_KIND, check_kind_and_name, parse_integration
 from agentworker.logs import get_logger
 from agentworker.routing import Route, route_tenant
 from agentworker.schedules.spec import ScheduleSpec, parse_schedule, schedule_view
 from agentworker.settings import Settings
+from agentworker.submit import JOB_EXPIRY_MS as JOB_EXPIRY_MS  # re-exported, as QuotaExceeded
+from agentworker.submit import JobSubmitter
+from agentworker.submit import QuotaExceeded as QuotaExceeded  # re-exported: the backend catches it from here
 from agentworker.workflows import WorkflowDefinition, parse_workflow
-
-#: ARQ's margin after a job's due time before its record expires unclaimed (1 day).
-JOB_EXPIRY_MS = 86_400_000
 
 log = get_logger("agentworker.client")
 
 
-class QuotaExceeded(Exception):
-    """The tenant is over one of its limits; nothing was enqueued."""
-
-    def __init__(self, tenant_id: str, limit: str, message: str, retry_after: float | None = None) -> None:
-        self.tenant_id = tenant_id
-        self.limit = limit
-        self.retry_after = retry_after
-        super().__init__(message)
-
-
-class JobFailed(Exception):
+class JobFailed(AgentWorkerError):
     """The job ran and failed (or was rejected, or timed out); ``error`` is the exception class name."""
 
     def __init__(self, job_id: str, error: str, message: str) -> None:
@@ -100,7 +94,7 @@ class JobFailed(Exception):
         super().__init__(f"job {job_id} failed: {error}: {message}")
 
 
-class ResultTimeout(TimeoutError):
+class ResultTimeout(AgentWorkerError, TimeoutError):
     """No result arrived within the time given to :meth:`JobHandle.result`."""
 
 
@@ -189,7 +183,10 @@ class AgentWorkerClient:
 
     def __init__(self, redis: Redis, config: QuotaConfig, settings: Settings | None = None, *,
                  database: Database | None = None, config_path: str | os.PathLike[str] | None = None) -> None:
-        """``database``: an open :class:`~agentworker.db.Database` to use (and leave open); without it,
+        """``redis``: the Redis client to use, and leave open: it is the caller's to close (the client of
+        :meth:`from_settings` is the client's own, closed by :meth:`close`).
+
+        ``database``: an open :class:`~agentworker.db.Database` to use (and leave open); without it,
         the workflow methods connect to ``settings.database_url`` on first use and :meth:`close` closes it.
 
         ``config_path``: the quota file ``config`` was read from. The client then re-reads it when its
@@ -198,8 +195,9 @@ class AgentWorkerClient:
         workers do, reading it exactly as they do and off the event loop (in a thread); a new file that
         is refused for any reason is ignored, with one log line, and the running config stays."""
         self.redis = redis
-        self.config = config
+        self._owns_redis = False
         self.settings = settings or Settings()
+        self._submitter = JobSubmitter(redis, config, max_payload_bytes=self.settings.max_payload_bytes)
         self.config_check_interval = 2.0
         self._config_watch = (QuotaFileWatch(Path(config_path), limits=self.settings.limits)
                               if config_path is not None else None)
@@ -208,7 +206,6 @@ class AgentWorkerClient:
         if self._config_watch is not None:
             with contextlib.suppress(ConfigError):
                 self._config_watch.seen_hash = self._config_watch.read()[1]
-        self._enqueuer = Enqueuer(redis)
         self._database = database
         self._owns_database = False
         self._database_lock = asyncio.Lock()
@@ -218,10 +215,22 @@ class AgentWorkerClient:
         """A client on ``AGENTWORKER_REDIS_URL`` with the quota file of ``AGENTWORKER_CONFIG``."""
         settings = settings or Settings.from_env()
         if config is not None:
-            return cls(Redis.from_url(settings.redis_url), config, settings)
-        path = resolve_config_path(settings.config)
-        return cls(Redis.from_url(settings.redis_url), load_config(path, limits=settings.limits), settings,
-                   config_path=path)
+            client = cls(Redis.from_url(settings.redis_url), config, settings)
+        else:
+            path = resolve_config_path(settings.config)
+            client = cls(Redis.from_url(settings.redis_url), load_config(path, limits=settings.limits), settings,
+                         config_path=path)
+        client._owns_redis = True  # made here, so closed by close()
+        return client
+
+    @property
+    def config(self) -> QuotaConfig:
+        """The quota config routing and admitting this client's jobs (replaced when the file changes)."""
+        return self._submitter.config
+
+    @config.setter
+    def config(self, config: QuotaConfig) -> None:
+        self._submitter.config = config
 
     async def __aenter__(self) -> Self:
         return self
@@ -235,7 +244,8 @@ class AgentWorkerClient:
             following.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await following
-        await self.redis.aclose()
+        if self._owns_redis:
+            await self.redis.aclose()
         if self._owns_database and self._database is not None:
             await self._database.close()
             self._database = None
@@ -308,37 +318,10 @@ class AgentWorkerClient:
         Raises :class:`QuotaExceeded` when the tenant is over ``max_pending`` or ``rate_limit``,
         :class:`~agentworker.routing.InvalidTenantId` or :class:`~agentworker.jobs.InvalidJob` for bad input.
         """
-        job_id = jobs.make_job_id(tenant_id, task, idempotency_key)
-        if payload is not None and not isinstance(payload, dict):
-            raise jobs.InvalidJob(f"payload must be a dict of the task's keyword arguments (a JSON object), "
-                                  f"not {type(payload).__name__}")
         await self.follow_config()
-        route = route_tenant(self.config, tenant_id)
-        body = dict(payload or {})
-        body.setdefault("tenant_id", tenant_id)
-        jobs.check_payload(body, tenant_id, self.settings.max_payload_bytes)
-
-        now_ms = int(time.time() * 1000)
-        score_ms = now_ms + _defer_ms(defer, now_ms)
-        limits = self.config.limits_of(tenant_id)
-        admitted = await self._enqueuer.enqueue(
-            job_id=str(job_id), tenant_id=tenant_id, pool=route.pool, shard=route.shard,
-            job_bytes=jobs.encode_job(task, body, now_ms), score_ms=score_ms,
-            expires_ms=score_ms - now_ms + JOB_EXPIRY_MS,
-            max_pending=limits.max_pending, rate=limits.rate,
-        )
-        if admitted.outcome is Admission.OVER_MAX_PENDING:
-            raise QuotaExceeded(
-                tenant_id, "max_pending",
-                f"tenant {tenant_id!r} has {admitted.detail} jobs pending, at its max_pending of "
-                f"{limits.max_pending}; nothing was enqueued")
-        if admitted.outcome is Admission.OVER_RATE_LIMIT:
-            raise QuotaExceeded(
-                tenant_id, "rate_limit",
-                f"tenant {tenant_id!r} is over its rate_limit of {limits.rate}; retry in "
-                f"{admitted.detail / 1000:.3f}s; nothing was enqueued",
-                retry_after=admitted.detail / 1000)
-        return JobHandle(self.redis, str(job_id), route, created=admitted.outcome is Admission.ENQUEUED)
+        submitted = await self._submitter.submit(task, tenant_id, payload, idempotency_key=idempotency_key,
+                                                 defer=defer)
+        return JobHandle(self.redis, submitted.job_id, submitted.route, created=submitted.created)
 
     async def pending_count(self, tenant_id: str) -> int:
         """Jobs of the tenant enqueued and not yet started (what ``max_pending`` limits)."""
@@ -494,7 +477,7 @@ class AgentWorkerClient:
         return schedule_view(updated)
 
 
-class ScheduleNotFound(LookupError):
+class ScheduleNotFound(AgentWorkerError, LookupError):
     """The tenant has no schedule of that id."""
 
 
@@ -507,18 +490,3 @@ def _poll_config(watch: QuotaFileWatch) -> QuotaConfig | ConfigError | None:
     except Exception as exc:  # a long-lived client keeps its config whatever the file holds
         return ConfigError(str(watch.path), [f"cannot load the file: {type(exc).__name__}: {exc}"])
 
-
-def _defer_ms(defer: float | timedelta | datetime | None, now_ms: int) -> int:
-    if defer is None:
-        return 0
-    if isinstance(defer, datetime):
-        return max(0, int(defer.timestamp() * 1000) - now_ms)
-    if isinstance(defer, bool) or not isinstance(defer, (int, float, timedelta)):
-        raise jobs.InvalidJob(f"defer must be seconds (a number), a timedelta or a datetime, "
-                              f"not {type(defer).__name__}")
-    seconds = defer.total_seconds() if isinstance(defer, timedelta) else float(defer)
-    if not math.isfinite(seconds):
-        raise jobs.InvalidJob(f"defer must be a finite number of seconds (got {seconds})")
-    if seconds < 0:
-        raise jobs.InvalidJob(f"defer must not be negative (got {seconds:g}s)")
-    return int(seconds * 1000)

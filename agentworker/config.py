@@ -34,6 +34,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agentworker.errors import AgentWorkerError
 from agentworker.safe_yaml import DocumentRefused, decode_utf8, load_yaml, one_line
 from agentworker.settings import InputLimits
 
@@ -46,7 +47,7 @@ _RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "min
 DEFAULT_CONFIG_RESOURCE = "default_quotas.yaml"
 
 
-class ConfigError(Exception):
+class ConfigError(AgentWorkerError):
     """The quota file cannot be used. ``errors`` holds one ``path: message`` line per problem."""
 
     def __init__(self, source: str, errors: list[str]) -> None:
@@ -71,10 +72,6 @@ class RateLimit:
         if count <= 0:
             raise ValueError("must allow at least some jobs (count > 0)")
         return cls(count=count, period_s=_RATE_UNITS[match.group(2)])
-
-    @property
-    def per_second(self) -> float:
-        return self.count / self.period_s
 
     def __str__(self) -> str:
         unit = {1.0: "s", 60.0: "m", 3600.0: "h"}[self.period_s]

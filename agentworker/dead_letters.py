@@ -37,6 +37,7 @@ from redis.asyncio import Redis
 
 from agentworker import jobs, keys
 from agentworker.config import QuotaConfig
+from agentworker.errors import AgentWorkerError
 from agentworker.routing import InvalidTenantId, route_tenant
 
 __all__ = [
@@ -61,7 +62,7 @@ DEFAULT_LIST_LIMIT = 1000
 _SCAN_COUNT = 500
 
 
-class DeadLetterError(ValueError):
+class DeadLetterError(AgentWorkerError, ValueError):
     """Root of every dead-letter error: its message is one sentence naming the id and why."""
 
 

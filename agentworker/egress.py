@@ -13,7 +13,8 @@ against the address it is really made to:
   address it embeds.
 * **Allowed by the operator**: ``AGENTWORKER_EGRESS_ALLOW``, comma-separated CIDRs (``10.1.2.0/24``, a bare
   address is a /32 or /128) and ``host:port`` pairs (``crm.internal:8443``, ``127.0.0.1:9999``,
-  ``[fd00::5]:443``); a name in a pair allows whatever that name resolves to, on that port only.
+  ``[fd00::5]:443``); a name in a pair allows whatever that name resolves to, on that port only. The list
+  is read and validated with the other settings (:func:`agentworker.settings.parse_allow_list`).
 * **Never allowed**: the service's own Redis, PostgreSQL and HTTP port (``AGENTWORKER_REDIS_URL``,
   ``AGENTWORKER_DATABASE_URL``, ``AGENTWORKER_HTTP_HOST``/``AGENTWORKER_PORT``): by name, by the addresses
   the name resolves to, and — when the service reaches them on this host (a loopback or wildcard address)
@@ -49,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -61,16 +61,14 @@ import httpcore
 import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from agentworker.settings import Settings, SettingsError
+from agentworker.errors import AgentWorkerError
+from agentworker.hosts import IPAddress, IPNetwork, ip_literal, normal_host, parse_ip, split_host_port, unmapped
+from agentworker.settings import ALLOW_VARIABLE, AllowList, Settings, parse_allow_list
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: (host, port, family) -> the host's addresses, as text
 Lookup = Callable[[str, int, int], Awaitable[list[str]]]
-ALLOW_VARIABLE = "AGENTWORKER_EGRESS_ALLOW"
 _ENV = ("AGENTWORKER_REDIS_URL", "AGENTWORKER_DATABASE_URL", "AGENTWORKER_HTTP_HOST", "AGENTWORKER_PORT",
         ALLOW_VARIABLE)
-_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_.-]{0,252})$")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 #: internal ranges, in the order a refusal names them; anything else not global is "reserved"
 _RANGES: tuple[tuple[str, tuple[IPNetwork, ...]], ...] = tuple(
@@ -85,7 +83,7 @@ _RANGES: tuple[tuple[str, tuple[IPNetwork, ...]], ...] = tuple(
     ))
 
 
-class EgressRefused(Exception):
+class EgressRefused(AgentWorkerError):
     """An outbound call a tenant controls was refused; the message is one sentence naming the address."""
 
     def __init__(self, target: str, reason: str, *, allowable: bool = True) -> None:
@@ -97,7 +95,7 @@ class EgressRefused(Exception):
 
 def internal_reason(address: IPAddress) -> str | None:
     """Why ``address`` is internal ("loopback address", ...), or None for a public address."""
-    address = _unmapped(address)
+    address = unmapped(address)
     embedded = _embedded_ipv4(address)
     if embedded is not None:
         inner = internal_reason(embedded)
@@ -108,43 +106,6 @@ def internal_reason(address: IPAddress) -> str | None:
     if not address.is_global or address.is_reserved:
         return "reserved address"
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class AllowList:
-    networks: tuple[IPNetwork, ...] = ()
-    #: (address, port) pairs
-    endpoints: frozenset[tuple[IPAddress, int]] = frozenset()
-    #: (name, port) pairs
-    names: frozenset[tuple[str, int]] = frozenset()
-
-
-def parse_allow_list(entries: Iterable[str]) -> AllowList:
-    """``AGENTWORKER_EGRESS_ALLOW``'s entries; :class:`SettingsError` names a bad one."""
-    networks: list[IPNetwork] = []
-    endpoints: set[tuple[IPAddress, int]] = set()
-    names: set[tuple[str, int]] = set()
-    for raw in entries:
-        entry = raw.strip()
-        if not entry:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-            continue
-        except ValueError:
-            pass
-        host, port = _split_host_port(entry)
-        if port is None or not host:
-            raise SettingsError(f"{ALLOW_VARIABLE}: {entry!r} is neither a CIDR (10.1.2.0/24) nor a host:port "
-                                "(crm.internal:8443)")
-        literal = _literal(host)
-        if literal is not None:
-            endpoints.add((_unmapped(literal), port))
-        elif _NAME.match(host):
-            names.add((host, port))
-        else:
-            raise SettingsError(f"{ALLOW_VARIABLE}: {entry!r} does not name a host")
-    return AllowList(tuple(networks), frozenset(endpoints), frozenset(names))
 
 
 @dataclass(slots=True)
@@ -171,12 +132,12 @@ class EgressGuard:
         self.lookup = lookup or _system_lookup
         self._protected: list[_Protected] = []
         for what, host, port in protected:
-            entry = _Protected(what, _normal_host(host), port)
-            literal = _literal(entry.host)
+            entry = _Protected(what, normal_host(host), port)
+            literal = ip_literal(entry.host)
             if literal is None:
                 entry.unresolved = True
             else:
-                entry.addresses.add(_unmapped(literal))
+                entry.addresses.add(unmapped(literal))
                 entry.local = literal.is_loopback or literal.is_unspecified
             self._protected.append(entry)
         #: this host's own addresses (looked up once: a host name that does not resolve stays unknown)
@@ -195,7 +156,7 @@ class EgressGuard:
             try:
                 infos = await asyncio.get_running_loop().getaddrinfo(socket.gethostname(), None,
                                                                      type=socket.SOCK_STREAM)
-                self._own = {_unmapped(_address(str(info[4][0]))) for info in infos}
+                self._own = {unmapped(parse_ip(str(info[4][0]))) for info in infos}
             except OSError:
                 self._own = set()
         complete = True
@@ -207,16 +168,16 @@ class EgressGuard:
             except OSError:
                 complete = False
                 continue
-            entry.addresses |= {_unmapped(_address(text)) for text in found}
+            entry.addresses |= {unmapped(parse_ip(text)) for text in found}
             entry.local = any(a.is_loopback or a.is_unspecified for a in entry.addresses)
             entry.unresolved = False
         self._prepared = complete
 
     def check(self, address: IPAddress, port: int, host: str | None = None) -> None:
         """Raise :class:`EgressRefused` unless connecting to ``address``:``port`` (for ``host``) is allowed."""
-        address = _unmapped(address)
-        name = None if host is None else _normal_host(host)
-        if name is not None and _literal(name) is not None:
+        address = unmapped(address)
+        name = None if host is None else normal_host(host)
+        if name is not None and ip_literal(name) is not None:
             name = None
         target = _target(name, address, port)
         own = self._own_endpoint(address, port, name)
@@ -234,15 +195,15 @@ class EgressGuard:
     async def resolve(self, host: str, port: int, family: int = 0) -> list[IPAddress]:
         """The addresses of ``host``, each one checked (all or nothing): the only ones to connect to."""
         await self.prepare()
-        name = _normal_host(host)
-        literal = _literal(name)
+        name = normal_host(host)
+        literal = ip_literal(name)
         if literal is not None:
             self.check(literal, port)
             return [literal]
         own = self._own_endpoint(None, port, name)
         if own is not None:
             raise EgressRefused(f"{name}:{port}", own, allowable=False)
-        addresses = list(dict.fromkeys(_address(text) for text in await self.lookup(name, port, family)))
+        addresses = list(dict.fromkeys(parse_ip(text) for text in await self.lookup(name, port, family)))
         if not addresses:
             raise OSError(f"{name} has no address")
         for address in addresses:
@@ -308,7 +269,7 @@ async def http_session(*, timeout: aiohttp.ClientTimeout,
 
     def socket_factory(addr_info: Any) -> socket.socket:
         family, kind, proto, _, sockaddr = addr_info
-        address, port = _address(sockaddr[0]), int(sockaddr[1])
+        address, port = parse_ip(sockaddr[0]), int(sockaddr[1])
         if (address, port) not in checked:
             chosen.check(address, port)  # an IP literal: aiohttp did not ask the resolver
         return socket.socket(family, kind, proto)
@@ -394,9 +355,9 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
                 failure = exc
                 continue
             peer = stream.get_extra_info("server_addr")
-            if peer is None or _address(peer[0]) != address:
+            if peer is None or parse_ip(peer[0]) != address:
                 await stream.aclose()
-                name = None if _literal(_normal_host(host)) else _normal_host(host)
+                name = None if ip_literal(normal_host(host)) else normal_host(host)
                 raise EgressRefused(_target(name, address, port), f"the connection reached {peer!r} instead")
             return stream
         raise failure
@@ -445,23 +406,6 @@ async def _system_lookup(host: str, port: int, family: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
-def _address(text: str) -> IPAddress:
-    return ipaddress.ip_address(text.split("%", 1)[0])
-
-
-def _literal(host: str) -> IPAddress | None:
-    try:
-        return _address(host)
-    except ValueError:
-        return None
-
-
-def _unmapped(address: IPAddress) -> IPAddress:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     if not isinstance(address, ipaddress.IPv6Address):
         return None
@@ -472,29 +416,14 @@ def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
-def _normal_host(host: str) -> str:
-    return host.strip().strip("[]").rstrip(".").lower()
-
-
-def _split_host_port(entry: str) -> tuple[str, int | None]:
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port_text = entry.rpartition(":")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        return host, None
-    return _normal_host(host), int(port_text)
-
-
 def _netloc_hosts(rest: str, default_port: int) -> list[tuple[str, int]]:
     """(host, port) of each host in a URL's authority (libpq URLs may list several: ``h1:5432,h2``)."""
     authority = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
     found = []
     for part in authority.split(",") if authority else ["localhost"]:
-        host, port = _split_host_port(part)
+        host, port = split_host_port(part)
         if port is None:
-            host, port = _normal_host(part), default_port
+            host, port = normal_host(part), default_port
         found.append((host or "localhost", port))
     return found
 

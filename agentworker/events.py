@@ -18,6 +18,7 @@ size) and ``"truncated": true``. The full value stays where it is stored (the jo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import uuid
@@ -129,6 +130,14 @@ class EventPublisher:
         """Queue an event made by :meth:`prepare` with a stable ``event_id``; the future's result is True
         if this call put it in the stream, False if that id was already there (nothing written)."""
         return self._queue(tenant_id, body, event_id)
+
+    async def flush(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the events queued so far to be written (at shutdown, before
+        the Redis connection closes); never raises."""
+        writer = self._writer
+        if writer is not None and not writer.done():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(writer), timeout)
 
     def _queue(self, tenant_id: str, body: str, event_id: str | None) -> asyncio.Future[bool]:
         loop = asyncio.get_running_loop()

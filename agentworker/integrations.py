@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from agentworker.errors import AgentWorkerError
 from agentworker.safe_yaml import DocumentRefused, check_value, load_yaml
 from agentworker.settings import InputLimits
 
@@ -34,7 +35,7 @@ _EMAIL_RE = re.compile(r"^[^@\s<>,;\"()\[\]]+@[^@\s<>,;\"()\[\]]+\.[^@\s<>,;\"()
 Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_SECONDS)]
 
 
-class IntegrationError(ValueError):
+class IntegrationError(AgentWorkerError, ValueError):
     """Settings that cannot be used: unknown kind, bad name or invalid values (never echoed)."""
 
 

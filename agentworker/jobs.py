@@ -22,6 +22,7 @@ from typing import Any
 
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 
+from agentworker.errors import AgentWorkerError
 from agentworker.routing import validate_tenant_id
 
 TASK_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.]{0,63}$")
@@ -57,7 +58,7 @@ def retry_key(job_id: str) -> str:
     return retry_key_prefix + job_id
 
 
-class InvalidJob(ValueError):
+class InvalidJob(AgentWorkerError, ValueError):
     """A job that cannot be enqueued as given (bad task name, key, or payload)."""
 
 

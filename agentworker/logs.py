@@ -74,5 +74,9 @@ def configure_logging(level: str = "info", fmt: str = "json", **bind: Any) -> No
     structlog.contextvars.bind_contextvars(pid=os.getpid(), **bind)
 
 
+#: what every ``log`` field and parameter holds: structlog's filtering bound logger (``configure_logging``)
+Logger = structlog.typing.FilteringBoundLogger
+
+
 def get_logger(name: str | None = None) -> Any:
     return structlog.get_logger(name)

@@ -23,13 +23,14 @@ from typing import Any
 
 from agentworker import keys
 from agentworker.config import NAME_PATTERN, QuotaConfig, TenantLimits
+from agentworker.errors import AgentWorkerError
 
 _TENANT_RE = re.compile(NAME_PATTERN)
 _MASK64 = (1 << 64) - 1
 _JUMP_MULTIPLIER = 2862933555777941757
 
 
-class InvalidTenantId(ValueError):
+class InvalidTenantId(AgentWorkerError, ValueError):
     """A tenant id that does not match the routing rule's pattern."""
 
     def __init__(self, tenant_id: object) -> None:

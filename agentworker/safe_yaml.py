@@ -33,12 +33,13 @@ from yaml.events import AliasEvent, Event
 from yaml.nodes import MappingNode, Node, SequenceNode
 from yaml.resolver import Resolver
 
+from agentworker.errors import AgentWorkerError
 from agentworker.settings import InputLimits
 
 __all__ = ["DocumentRefused", "check_value", "decode_utf8", "load_yaml", "one_line"]
 
 
-class DocumentRefused(ValueError):
+class DocumentRefused(AgentWorkerError, ValueError):
     """A document over one of the input limits, or not UTF-8: the message is one sentence."""
 
 

@@ -77,16 +77,21 @@ AGENTWORKER_EGRESS_ALLOW               (none)                          comma-sep
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from agentworker.errors import AgentWorkerError
+from agentworker.hosts import IPAddress, IPNetwork, ip_literal, split_host_port, unmapped
+
 ENV_PREFIX = "AGENTWORKER_"
 
 
-class SettingsError(ValueError):
+class SettingsError(AgentWorkerError, ValueError):
     """An ``AGENTWORKER_*`` variable holds a value that cannot be used."""
 
 
@@ -221,8 +226,6 @@ class Settings:
             raise SettingsError("AGENTWORKER_REDIS_URL must start with redis://, rediss:// or unix://")
         check_database_url(self.database_url, "AGENTWORKER_DATABASE_URL")
         if self.egress_allow:
-            from agentworker.egress import parse_allow_list  # imported late: egress reads these settings
-
             parse_allow_list(self.egress_allow)
         _ = self.limits  # validates the AGENTWORKER_MAX_* values
 
@@ -275,6 +278,49 @@ def check_database_url(url: str, name: str) -> None:
 def _check_port(port: str, name: str) -> None:
     if port and not (port.isdigit() and 1 <= int(port) <= 65535):
         raise SettingsError(f"{name}: port {port[:20]!r} is not a number from 1 to 65535")
+
+
+ALLOW_VARIABLE = "AGENTWORKER_EGRESS_ALLOW"
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_.-]{0,252})$")
+
+
+@dataclass(frozen=True, slots=True)
+class AllowList:
+    """What ``AGENTWORKER_EGRESS_ALLOW`` opens to tenants (the egress guard, :mod:`agentworker.egress`)."""
+
+    networks: tuple[IPNetwork, ...] = ()
+    #: (address, port) pairs
+    endpoints: frozenset[tuple[IPAddress, int]] = frozenset()
+    #: (name, port) pairs
+    names: frozenset[tuple[str, int]] = frozenset()
+
+
+def parse_allow_list(entries: Iterable[str]) -> AllowList:
+    """``AGENTWORKER_EGRESS_ALLOW``'s entries; :class:`SettingsError` names a bad one."""
+    networks: list[IPNetwork] = []
+    endpoints: set[tuple[IPAddress, int]] = set()
+    names: set[tuple[str, int]] = set()
+    for raw in entries:
+        entry = raw.strip()
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+            continue
+        except ValueError:
+            pass
+        host, port = split_host_port(entry)
+        if port is None or not host:
+            raise SettingsError(f"{ALLOW_VARIABLE}: {entry!r} is neither a CIDR (10.1.2.0/24) nor a host:port "
+                                "(crm.internal:8443)")
+        literal = ip_literal(host)
+        if literal is not None:
+            endpoints.add((unmapped(literal), port))
+        elif _HOST_NAME.match(host):
+            names.add((host, port))
+        else:
+            raise SettingsError(f"{ALLOW_VARIABLE}: {entry!r} does not name a host")
+    return AllowList(tuple(networks), frozenset(endpoints), frozenset(names))
 
 
 def _convert(name: str, raw: str, kind: Any) -> Any:

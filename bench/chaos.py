@@ -185,9 +185,9 @@ async def _save_and_enqueue(setup: Setup, database_url: str, config_path: Path, 
     settings = Settings(redis_url=setup.redis.url, database_url=database_url, config=str(config_path))
     # the client's own database, closed once the workflows are saved: its pool would only log the restart
     database = await open_database(database_url)
+    redis = Redis.from_url(setup.redis.url)  # like the database: ours to close, the client leaves it open
     try:
-        async with AgentWorkerClient(Redis.from_url(setup.redis.url), load_config(config_path), settings,
-                                     database=database) as client:
+        async with AgentWorkerClient(redis, load_config(config_path), settings, database=database) as client:
             for tenant in TENANTS:
                 await client.save_workflow(tenant, workflow(receiver_url))
             enqueued: list[Enqueued] = []
@@ -200,6 +200,7 @@ async def _save_and_enqueue(setup: Setup, database_url: str, config_path: Path, 
             log(f"  enqueued {setup.runs} runs in {time.monotonic() - began:.1f} s")
             return enqueued
     finally:
+        await redis.aclose()
         await database.close()
 
 

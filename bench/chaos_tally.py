@@ -148,7 +148,8 @@ class RunWatcher:
         """The runs now, or None when PostgreSQL or Redis does not answer (a fault under way)."""
         try:
             rows = await self._rows()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError,
+                TimeoutError):  # (a connection caught by the server's restart mid-query: client-state errors)
             return None
         found = RunTally(at=time.monotonic())
         no_row: list[Enqueued] = []

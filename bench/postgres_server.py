@@ -120,7 +120,6 @@ async def migrated_database(server: PrivatePostgres, name: str = "agentworker") 
     import asyncpg
 
     from agentworker.db.migrate import migrate
-    from agentworker.graphs.checkpoints import setup_checkpoint_tables
 
     conn = await asyncpg.connect(server.url(), timeout=10)
     try:
@@ -128,7 +127,7 @@ async def migrated_database(server: PrivatePostgres, name: str = "agentworker") 
     finally:
         await conn.close()
     url = server.url(name)
-    await migrate(url, after=[setup_checkpoint_tables])
+    await migrate(url)
     return url
 
 

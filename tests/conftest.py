@@ -3,12 +3,16 @@
 Each test session starts its own ``redis-server`` on a free loopback port (ARQ's job keys are global
 per database, so sharing the machine's Redis would let runs collide), and every test starts from an
 empty database. ``AGENTWORKER_TEST_REDIS_URL`` points the tests at an existing server instead.
+
+Under pytest-xdist (``pytest -n 4``) every worker is a session of its own, so each has its own
+redis-server (or database number on an external one) and its own scratch PostgreSQL database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -54,11 +58,23 @@ class RedisServer(PrivateRedis):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def per_worker_database(url: str) -> str:
+    """Under pytest-xdist each worker is a test session of its own: on a shared server, each gets its own
+    database number (1 + the worker's index), since every test flushes its database."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return url
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{1 + int(worker[2:])}", parts.query, parts.fragment))
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
     external = os.environ.get("AGENTWORKER_TEST_REDIS_URL")
     if external:
-        yield external
+        yield per_worker_database(external)
         return
     server = RedisServer()
     server.start()
@@ -163,8 +179,16 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def state(self) -> str | None:
+        """The state the worker's status file (its heartbeat) says it is in, None before the first one."""
+        try:
+            status = json.loads(self.status_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return str(status["state"]) if status.get("pid") == self.pid else None
+
     async def wait_serving(self, timeout: float = 30) -> None:
-        await wait_for(lambda: '"worker serving"' in self.log() or self.proc.poll() is not None, timeout,
+        await wait_for(lambda: self.state() == "serving" or self.proc.poll() is not None, timeout,
                        what=f"worker {self.pid} to serve")
         if self.proc.poll() is not None:
             raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
@@ -255,12 +279,7 @@ def scratch_database(prefix: str, *, checkpoints: bool = False) -> Iterator[str]
         pytest.skip(f"PostgreSQL is not reachable for the tests: {exc}")
     url = database_url_for(server, name)
     try:
-        if checkpoints:
-            from agentworker.graphs.checkpoints import setup_checkpoint_tables
-
-            asyncio.run(migrate(url, after=[setup_checkpoint_tables]))
-        else:
-            asyncio.run(migrate(url))
+        asyncio.run(migrate(url, checkpoints=checkpoints))
         yield url
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -22,16 +22,17 @@ from agentworker import egress
 from agentworker.client import JobFailed
 from agentworker.db import Database
 from agentworker.db import integrations as integration_rows
-from agentworker.db.ledger import Ledger
 from agentworker.egress import EgressGuard, EgressRefused, internal_reason, parse_allow_list
 from agentworker.graphs.models import ModelSpecError, chat_model, tenant_chat_model
-from agentworker.graphs.step_kinds import PermanentStepError, StepEnvironment, execute
+from agentworker.graphs.run_context import RunContext
+from agentworker.graphs.step_kinds import PermanentStepError, execute
 from agentworker.integrations import ModelSettings
 from agentworker.schedules.sources import SourceError, read_source
 from agentworker.schedules.spec import PollSource
 from agentworker.settings import Settings, SettingsError
 from agentworker.tools import TOOLS, ToolContext, ToolError
-from agentworker.tools.toolset import ToolScope, open_toolset
+from agentworker.tools.scope import TenantScope
+from agentworker.tools.toolset import open_toolset
 from agentworker.workflows.definition import HttpStep
 from tests.conftest import new_tenant
 from tests.workflow_helpers import workflow_client, workflow_worker_env
@@ -137,12 +138,13 @@ def redis_connections(redis_url: str) -> Callable[[], int]:
     return count
 
 
-def step_env(database: Database | None = None) -> StepEnvironment:
+def step_env(database: Database | None = None) -> RunContext:
     async def emit(event: str, data: dict[str, Any]) -> None:
         return None
 
-    return StepEnvironment(tenant_id="egress", run_id="run-1", ledger=Ledger(database),  # type: ignore[arg-type]
-                           emit=emit, log=structlog.get_logger("test"))
+    scope = TenantScope(tenant_id="egress", database=database, emit=emit,  # type: ignore[arg-type]
+                        log=structlog.get_logger("test"))
+    return RunContext(scope=scope, workflow_id="wf", run_id="run-1", job_id="egress:execute_workflow:j")
 
 
 async def http_step(url: str) -> Any:
@@ -405,10 +407,9 @@ async def test_tenant_mcp_servers_and_smtp_hosts_go_through_the_guard(
     async def emit(event: str, data: dict[str, Any]) -> None:
         events.append((event, data))
 
-    scope = ToolScope(tenant_id=tenant, run_id="r1", step_id="tools", database=database, emit=emit,
-                      log=structlog.get_logger("test"))
+    scope = TenantScope(tenant_id=tenant, database=database, emit=emit, log=structlog.get_logger("test"))
     allow(None)
-    async with open_toolset(scope) as toolset:
+    async with open_toolset(scope, run_id="r1", step_id="tools") as toolset:
         assert toolset.servers == ()
     assert events == [
         ("agent_mcp_server_unavailable", {"server": "local", "error": f"egress to 127.0.0.1:{peer.port} refused: "

@@ -15,7 +15,8 @@ from mcp.server.fastmcp import Context
 from agentworker.db import Database
 from agentworker.db import integrations as integration_rows
 from agentworker.tools import ToolContext, tool
-from agentworker.tools.toolset import ToolScope, open_toolset
+from agentworker.tools.scope import TenantScope
+from agentworker.tools.toolset import open_toolset
 from tests.conftest import free_port
 
 TENANT_A, TENANT_B = "mcpscope-a", "mcpscope-b"
@@ -65,12 +66,11 @@ async def external_mcp(loopback_peers_allowed: None) -> AsyncIterator[ExternalSe
         await asyncio.wait_for(task, 10)
 
 
-def scope(database: Database, tenant: str, events: list[tuple[str, dict[str, Any]]]) -> ToolScope:
+def scope(database: Database, tenant: str, events: list[tuple[str, dict[str, Any]]]) -> TenantScope:
     async def emit(event: str, data: dict[str, Any]) -> None:
         events.append((event, data))
 
-    return ToolScope(tenant_id=tenant, run_id="agent:r1", step_id="tools", database=database, emit=emit,
-                     log=structlog.get_logger("test"))
+    return TenantScope(tenant_id=tenant, database=database, emit=emit, log=structlog.get_logger("test"))
 
 
 def text_of(content: Any) -> str:
@@ -87,8 +87,8 @@ async def test_each_tenant_sees_only_its_tools_servers_and_credentials(database:
         await integration_rows.save_integration(tx, "mcp", "broken", {"url": f"http://127.0.0.1:{free_port()}/mcp",
                                                                       "timeout": 2})
     events: list[tuple[str, dict[str, Any]]] = []
-    async with open_toolset(scope(database, TENANT_A, events)) as a, \
-            open_toolset(scope(database, TENANT_B, events)) as b:
+    async with open_toolset(scope(database, TENANT_A, events), run_id="agent:r1", step_id="tools") as a, \
+            open_toolset(scope(database, TENANT_B, events), run_id="agent:r1", step_id="tools") as b:
         assert {"extras_weather", "only_for_a", "send_email", "crm_find_contacts"} <= set(a.names)
         assert "extras_weather" not in b.names and "only_for_a" not in b.names and "send_email" in b.names
         assert a.servers == ("extras",) and b.servers == ()
@@ -109,13 +109,16 @@ async def test_each_tenant_sees_only_its_tools_servers_and_credentials(database:
 
 async def test_read_only_and_named_toolsets(database: Database) -> None:
     events: list[tuple[str, dict[str, Any]]] = []
-    async with open_toolset(scope(database, TENANT_B, events), read_only=True) as chat_tools:
+    async with open_toolset(scope(database, TENANT_B, events), run_id="agent:r1", step_id="tools",
+                            read_only=True) as chat_tools:
         assert "crm_find_contacts" in chat_tools.names and "calendar_list_events" in chat_tools.names
         assert not {"send_email", "crm_create_contact", "calendar_create_event"} & set(chat_tools.names)
-    async with open_toolset(scope(database, TENANT_B, events), names=["echo"]) as named:
+    async with open_toolset(scope(database, TENANT_B, events), run_id="agent:r1", step_id="tools",
+                            names=["echo"]) as named:
         assert named.names == ["echo"]
     from agentworker.tools import UnknownTool
 
     with pytest.raises(UnknownTool, match="tool\\(s\\) 'only_for_a' not available to tenant 'mcpscope-b'"):
-        async with open_toolset(scope(database, TENANT_B, events), names=["echo", "only_for_a"]):
+        async with open_toolset(scope(database, TENANT_B, events), run_id="agent:r1", step_id="tools",
+                                names=["echo", "only_for_a"]):
             pass

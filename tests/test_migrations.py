@@ -98,3 +98,32 @@ def test_the_migrate_command(empty_database: str) -> None:
     assert down.returncode == 1
     assert down.stderr.startswith("agentworker: cannot connect to PostgreSQL at postgresql://postgres:***@127.0.0.1:1")
     assert "hunter2" not in down.stderr and "Traceback" not in down.stderr
+
+
+async def test_langgraph_makes_its_tables_and_our_repeatable_sql_puts_them_under_rls(empty_database: str) -> None:
+    bare = await migrate(empty_database, checkpoints=False)
+    assert not bare.checkpoint_tables
+    conn = await asyncpg.connect(empty_database)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('agentworker.checkpoints')") is None
+        for _ in range(2):  # the RLS file runs on every migrate: it must be idempotent
+            report = await migrate(empty_database)
+            assert report.checkpoint_tables and report.applied == []
+            rows = await conn.fetch(
+                "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity, "
+                "       (SELECT count(*) FROM pg_policies p WHERE p.schemaname = 'agentworker' "
+                "        AND p.tablename = c.relname AND p.policyname = 'tenant_isolation') AS policies, "
+                "       has_table_privilege('agentworker_app', c.oid, 'SELECT') AS reads, "
+                "       has_table_privilege('agentworker_app', c.oid, 'INSERT') AS writes "
+                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'agentworker' AND c.relname LIKE 'checkpoint%' AND c.relkind = 'r' "
+                "ORDER BY c.relname")
+            assert {r["relname"]: (r["relrowsecurity"], r["relforcerowsecurity"], r["policies"], r["reads"],
+                                   r["writes"]) for r in rows} == {
+                "checkpoints": (True, True, 1, True, True), "checkpoint_blobs": (True, True, 1, True, True),
+                "checkpoint_writes": (True, True, 1, True, True),
+                "checkpoint_migrations": (False, False, 0, True, False)}
+    finally:
+        await conn.close()
+    assert await _applied(empty_database) == [(m.version, m.name) for m in load_migrations()], \
+        "the repeatable file is no numbered migration"

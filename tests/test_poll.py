@@ -17,7 +17,7 @@ from agentworker.schedules.polling import PollSourceFailed, poll_once
 from tests.conftest import wait_for
 from tests.fake_feed import FakeFeed
 from tests.schedule_helpers import schedule_worker_env
-from tests.workflow_helpers import workflow_client
+from tests.workflow_helpers import submitter_of, workflow_client
 
 ON_ITEM = {"id": "on-item", "steps": [{"id": "take", "kind": "transform",
                                        "template": {"item": "{{ input.item.id }}"}}]}
@@ -50,7 +50,7 @@ async def test_a_failing_source_backs_off_exponentially_up_to_its_cap_and_recove
 
         async def poll_and_backoff() -> tuple[int, float]:
             with pytest.raises(PollSourceFailed, match="the source answered HTTP 500"):
-                await poll_once(database, client, tenant, "feed", log)
+                await poll_once(database, submitter_of(client), tenant, "feed", log)
             async with database.tenant(tenant) as tx:
                 row = await tx.fetchrow("SELECT failures, extract(epoch FROM backoff_until - updated_at) AS wait "
                                         "FROM agentworker.schedules WHERE schedule_id = 'feed'")
@@ -68,7 +68,7 @@ async def test_a_failing_source_backs_off_exponentially_up_to_its_cap_and_recove
         async with database.tenant(tenant) as tx:
             await tx.execute("UPDATE agentworker.schedules SET backoff_until = now() + interval '1 hour'")
         calls = len(feed.requests)
-        assert (await poll_once(database, client, tenant, "feed", log)).status == "backing_off"
+        assert (await poll_once(database, submitter_of(client), tenant, "feed", log)).status == "backing_off"
         assert len(feed.requests) == calls
         # ... and no poll is dispatched.
         soon = datetime.now(UTC) + timedelta(minutes=5)
@@ -77,13 +77,13 @@ async def test_a_failing_source_backs_off_exponentially_up_to_its_cap_and_recove
         feed.failing = False
         async with database.tenant(tenant) as tx:
             await tx.execute("UPDATE agentworker.schedules SET backoff_until = NULL")
-        result = await poll_once(database, client, tenant, "feed", log)
+        result = await poll_once(database, submitter_of(client), tenant, "feed", log)
         assert result.status == "ok" and result.new_items == 3 and result.cursor == "2"
         assert [r["cursor"] for r in feed.requests[-2:]] == [None, "2"]
         assert {r["authorization"] for r in feed.requests} == {"Bearer feed-token-123"}
         state = await client.get_schedule(tenant, "feed")
         assert state is not None and (state["failures"], state["backoff_until"], state["poll_cursor"]) == (0, None, "2")
-        again = await poll_once(database, client, tenant, "feed", log)
+        again = await poll_once(database, submitter_of(client), tenant, "feed", log)
         assert again.new_items == 0 and feed.requests[-1]["cursor"] == "2", "the last page is read again, nothing new"
 
 

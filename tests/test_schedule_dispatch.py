@@ -1,4 +1,5 @@
-"""The dispatcher against real PostgreSQL and Redis, driven by a clock of the test's own: the client's
+"""The dispatcher against real PostgreSQL and Redis, driven by a clock of the test's own, enqueuing through
+the job submitter (as in a worker) on the client's Redis and config: the client's
 schedule API, downtime under both missed-run policies, dispatchers whose clocks disagree, a dispatcher
 dying between the enqueue and the commit, and a tenant over its quota."""
 
@@ -13,12 +14,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from agentworker.client import AgentWorkerClient, JobHandle, ScheduleNotFound
+from agentworker.client import ScheduleNotFound
 from agentworker.db import Database
 from agentworker.schedules import InvalidSchedule
 from agentworker.schedules.dispatcher import Dispatcher, job_key
+from agentworker.submit import JobSubmitter, Submitted
 from tests.schedule_helpers import future_minute, set_next_due, tick_schedule
-from tests.workflow_helpers import workflow_client
+from tests.workflow_helpers import submitter_of, workflow_client
 
 
 async def jobs_of(redis: Redis, tenant: str) -> list[str]:
@@ -74,7 +76,7 @@ async def test_downtime_skip_runs_none_of_the_missed_due_times_and_run_once_runs
             await client.save_schedule(tenant, tick_schedule(policy.replace("_", "-"), "0 * * * * *",
                                                              missed_policy=policy, misfire_grace_seconds=30))
             await set_next_due(database, tenant, policy.replace("_", "-"), start)
-        dispatcher = Dispatcher(database, client)
+        dispatcher = Dispatcher(database, submitter_of(client))
         minute = timedelta(minutes=1)
 
         first = await dispatcher.dispatch_once(now=start + timedelta(seconds=1))
@@ -107,8 +109,9 @@ async def test_dispatchers_with_clocks_a_second_apart_dispatch_each_due_time_onc
         await clients[0].save_schedule(tenant, tick_schedule("even", "*/2 * * * * *"))
         for schedule in ("tick", "even"):
             await set_next_due(database, tenant, schedule, start)
-        dispatchers = [(Dispatcher(database, client), skew) for client, skew in zip(clients, (-1.0, 0.0, 1.0),
-                                                                                     strict=True)]
+        skews = (-1.0, 0.0, 1.0)
+        dispatchers = [(Dispatcher(database, submitter_of(client)), skew)
+                       for client, skew in zip(clients, skews, strict=True)]
         created, duplicates = [], 0
         for tenth in range(36):  # 3.5 s of passes, all three dispatchers at once each time
             at = start + timedelta(seconds=tenth / 10)
@@ -128,9 +131,9 @@ async def test_dispatchers_with_clocks_a_second_apart_dispatch_each_due_time_onc
     assert await jobs_of(redis, tenant) == sorted(keys_for("tick", *seconds) + keys_for("even", *seconds[::2]))
 
 
-class _DiesAfterEnqueue(AgentWorkerClient):
-    async def enqueue(self, *args: Any, **kwargs: Any) -> JobHandle:
-        await super().enqueue(*args, **kwargs)
+class _DiesAfterEnqueue(JobSubmitter):
+    async def submit(self, *args: Any, **kwargs: Any) -> Submitted:
+        await super().submit(*args, **kwargs)
         raise ConnectionResetError("the dispatcher died before its commit")
 
 
@@ -142,13 +145,12 @@ async def test_a_dispatcher_dying_between_enqueue_and_commit_leaves_a_no_op_for_
     async with workflow_client(redis_url, quota_file, database) as client:
         await client.save_schedule(tenant, tick_schedule("tick", "0 * * * * *"))
         await set_next_due(database, tenant, "tick", start)
-        dying = Dispatcher(database, _DiesAfterEnqueue(client.redis, client.config, client.settings,
-                                                       database=database))
+        dying = Dispatcher(database, _DiesAfterEnqueue(client.redis, client.config))
         with pytest.raises(ConnectionResetError):
             await dying.dispatch_once(now=start)
         stuck = await client.get_schedule(tenant, "tick")
         assert stuck is not None and stuck["next_due_at"] == start.isoformat(), "rolled back: not moved on"
-        report = await Dispatcher(database, client).dispatch_once(now=start + timedelta(seconds=1))
+        report = await Dispatcher(database, submitter_of(client)).dispatch_once(now=start + timedelta(seconds=1))
         assert (report.dispatched, report.duplicates) == (0, 1)
         moved = await client.get_schedule(tenant, "tick")
         assert moved is not None and moved["next_due_at"] == (start + timedelta(minutes=1)).isoformat()
@@ -165,7 +167,7 @@ async def test_a_tenant_over_max_pending_is_held_back_then_dispatched(
         await client.save_schedule(tenant, tick_schedule("tick", "0 * * * * *"))
         await set_next_due(database, tenant, "tick", start)
         await client.enqueue("echo", tenant, {"message": "fills the quota"})
-        dispatcher = Dispatcher(database, client)
+        dispatcher = Dispatcher(database, submitter_of(client))
         held = await dispatcher.dispatch_once(now=start)
         assert (held.held, held.dispatched) == (1, 0)
         row = await client.get_schedule(tenant, "tick")

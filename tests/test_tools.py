@@ -39,8 +39,12 @@ async def client(redis_url: str, quota_file: Any, database: Database) -> Any:
 
     from agentworker.config import load_config
 
-    async with AgentWorkerClient(Redis.from_url(redis_url), load_config(quota_file), database=database) as made:
-        yield made
+    redis = Redis.from_url(redis_url)  # made here, so closed here: the client leaves it open
+    try:
+        async with AgentWorkerClient(redis, load_config(quota_file), database=database) as made:
+            yield made
+    finally:
+        await redis.aclose()
 
 
 def smtp_settings(port: int) -> dict[str, Any]:

@@ -18,8 +18,8 @@ import psutil
 import pytest
 from redis.asyncio import Redis
 
+from agentworker.pools.zygote_process import fork_hazards
 from agentworker.settings import Settings, SettingsError
-from agentworker.supervisor.zygote_process import fork_hazards
 from tests.conftest import make_client, wait_for
 from tests.supervisor_helpers import SupervisorProcess, live_workers, serving_pids, supervisor_factory
 
@@ -181,7 +181,8 @@ async def test_without_the_zygote_workers_start_afresh_until_it_is_back(
     assert old_zygote is not None
 
     os.kill(old_zygote, signal.SIGKILL)
-    await wait_for(lambda: bool(log_events(sup, "zygote exited")), 15, what="the supervisor to notice")
+    # Reaped (its pid is gone, not a zombie) means the supervisor's loop has handled its exit.
+    await wait_for(lambda: not psutil.pid_exists(old_zygote), 15, what="the supervisor to reap the zygote")
     # The next restart cannot wait for the zygote (it restarts after a backoff and re-imports): posix_spawn.
     os.kill(first[0], signal.SIGKILL)
     status = await sup.wait_status(lambda s: len(serving_pids(s, "standard")) == 2

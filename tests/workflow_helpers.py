@@ -14,6 +14,7 @@ from agentworker.config import load_config
 from agentworker.db import Database
 from agentworker.events import Event
 from agentworker.settings import Settings
+from agentworker.submit import JobSubmitter
 from tests.conftest import LOOPBACK_PEERS_ALLOWED
 from tests.workflow_probes import counter_key
 
@@ -25,11 +26,27 @@ def workflow_worker_env(database_url: str, **extra: str) -> dict[str, str]:
             **LOOPBACK_PEERS_ALLOWED, **extra}
 
 
+class _ClientWithItsOwnRedis(AgentWorkerClient):
+    """The helpers' client: the helper made its Redis client, so closing it closes that too (an
+    AgentWorkerClient leaves a Redis client it was handed open)."""
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            await self.redis.aclose()
+
+
 def workflow_client(redis_url: str, config_path: Path, database: Database | None = None,
                     database_url: str | None = None) -> AgentWorkerClient:
     settings = Settings(redis_url=redis_url, config=str(config_path),
                         **({"database_url": database_url} if database_url else {}))
-    return AgentWorkerClient(Redis.from_url(redis_url), load_config(config_path), settings, database=database)
+    return _ClientWithItsOwnRedis(Redis.from_url(redis_url), load_config(config_path), settings, database=database)
+
+
+def submitter_of(client: AgentWorkerClient) -> JobSubmitter:
+    """A job submitter on ``client``'s Redis and config, as the dispatcher and the tasks use one."""
+    return JobSubmitter(client.redis, client.config, max_payload_bytes=client.settings.max_payload_bytes)
 
 
 def probe(step_id: str, depends_on: list[str] | None = None, **args: Any) -> dict[str, Any]:

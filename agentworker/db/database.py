@@ -21,6 +21,7 @@ from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction
 
 from agentworker.db.urls import redact_url
+from agentworker.errors import AgentWorkerError
 from agentworker.logs import get_logger
 from agentworker.routing import validate_tenant_id
 
@@ -48,7 +49,7 @@ _LOST_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 _LOST_CONNECTION_MESSAGES = ("closed", "another operation is in progress", "released back to the pool")
 
 
-class DatabaseError(Exception):
+class DatabaseError(AgentWorkerError):
     """PostgreSQL cannot be used as it is (unreachable, not migrated, or a role that bypasses RLS)."""
 
 

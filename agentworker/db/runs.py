@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from agentworker.db.database import SCHEMA, Database, TenantTransaction
+from agentworker.errors import AgentWorkerError
 
 
 class RunStatus(StrEnum):
@@ -40,7 +41,7 @@ class StepStatus(StrEnum):
     SKIPPED = "skipped"
 
 
-class InvalidRunId(ValueError):
+class InvalidRunId(AgentWorkerError, ValueError):
     def __init__(self, run_id: object) -> None:
         super().__init__(f"invalid run id {run_id!r}: must be a UUID")
 

@@ -16,13 +16,14 @@ from typing import Any
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, trim_messages
 
+from agentworker.errors import AgentWorkerError
 from agentworker.graphs.model_metrics import is_timeout
 
 _CHARS_PER_TOKEN = 4
 _TOKENS_PER_MESSAGE = 4
 
 
-class ModelTimeout(TimeoutError):
+class ModelTimeout(AgentWorkerError, TimeoutError):
     """The chat model did not answer within its timeout (after its retries)."""
 
 

@@ -11,7 +11,7 @@ checkpoint left it and any worker process can resume a paused run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from langchain.agents import create_agent
 from langchain.agents.middleware import HumanInTheLoopMiddleware, ModelCallLimitMiddleware
@@ -19,35 +19,16 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
 from agentworker.db import integrations as integration_rows
-from agentworker.db.database import Database
 from agentworker.graphs.agent_events import AgentEvents, pending_actions
 from agentworker.graphs.agent_middleware import ContextWindowMiddleware, ModelDeadlineMiddleware
 from agentworker.graphs.models import tenant_chat_model
 from agentworker.integrations import DEFAULT_NAME, ModelSettings
-from agentworker.tools.registry import EmitFunction
+from agentworker.tools.scope import TenantScope
 from agentworker.tools.toolset import AgentToolset
-
-if TYPE_CHECKING:
-    from agentworker.event_outbox import EventOutbox
-    from agentworker.graphs.checkpoints import CheckpointStore
 
 _PREVIEW = 2000
 #: what a person may answer to an approval request
 APPROVAL_DECISIONS = ["approve", "edit", "reject"]
-
-
-@dataclass(frozen=True, slots=True)
-class AgentEnvironment:
-    """One job's view of one tenant: where its rows and checkpoints are, and how it reports."""
-
-    tenant_id: str
-    database: Database
-    emit: EmitFunction
-    log: Any
-    #: None for agents that keep no state between jobs (workflow agent steps)
-    checkpoints: CheckpointStore | None = None
-    #: where tools' promised events are recorded (ToolContext.emit_once); None: published best effort
-    outbox: EventOutbox | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +48,7 @@ class AgentOutcome:
                 "waiting_for": self.waiting_for}
 
 
-async def load_model_settings(env: AgentEnvironment) -> ModelSettings:
+async def load_model_settings(env: TenantScope) -> ModelSettings:
     """The tenant's model settings (the offline model when it has saved none)."""
     async with env.database.tenant(env.tenant_id) as tx:
         config = await integration_rows.get_integration(tx, "model", DEFAULT_NAME)
@@ -81,7 +62,7 @@ class AgentModel:
     settings: ModelSettings
 
 
-async def agent_model(env: AgentEnvironment, override: str | None = None,
+async def agent_model(env: TenantScope, override: str | None = None,
                       timeout: float | None = None) -> AgentModel:
     settings = await load_model_settings(env)
     model, spec = tenant_chat_model(settings, override=override, timeout=timeout)

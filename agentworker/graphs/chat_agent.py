@@ -15,7 +15,6 @@ from langchain_core.messages import HumanMessage
 
 from agentworker.graphs.agent_events import AgentEvents
 from agentworker.graphs.agent_runtime import (
-    AgentEnvironment,
     AgentOutcome,
     agent_config,
     agent_model,
@@ -23,7 +22,8 @@ from agentworker.graphs.agent_runtime import (
     drive,
     outcome_of,
 )
-from agentworker.tools.toolset import ToolScope, open_toolset
+from agentworker.tools.scope import TenantScope
+from agentworker.tools.toolset import open_toolset
 
 CHAT_PROMPT = (
     "You are a helpful assistant in a conversation with a person. Answer their latest message, using what "
@@ -36,18 +36,17 @@ def chat_thread(tenant_id: str, conversation_id: str) -> str:
     return f"{tenant_id}:chat:{conversation_id}"
 
 
-async def run_chat_turn(env: AgentEnvironment, *, conversation_id: str, message: str, turn_id: str) -> AgentOutcome:
+async def run_chat_turn(env: TenantScope, *, conversation_id: str, message: str, turn_id: str) -> AgentOutcome:
     """Answer ``message`` in the conversation; publish the reply and any tool activity as events."""
     if env.checkpoints is None:
         raise RuntimeError("the chat agent needs the checkpoint store")
     chosen = await agent_model(env)
     thread = chat_thread(env.tenant_id, conversation_id)
     events = AgentEvents(env.emit, {"agent": "chat", "conversation_id": conversation_id})
-    scope = ToolScope(tenant_id=env.tenant_id, run_id=f"chat:{conversation_id}", step_id=f"turn:{turn_id}",
-                      database=env.database, emit=env.emit, log=env.log, outbox=env.outbox)
     config = agent_config(thread, MAX_ITERATIONS)
     human_id = f"turn-{turn_id}"
-    async with open_toolset(scope, read_only=True) as toolset, \
+    async with open_toolset(env, run_id=f"chat:{conversation_id}", step_id=f"turn:{turn_id}",
+                            read_only=True) as toolset, \
             env.checkpoints.saver(env.tenant_id, thread) as saver:
         agent = build_agent(chosen, toolset, system_prompt=CHAT_PROMPT, checkpointer=saver,
                             max_iterations=MAX_ITERATIONS, approval=False)

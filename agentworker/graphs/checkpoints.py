@@ -2,9 +2,10 @@
 
 LangGraph's ``AsyncPostgresSaver`` needs psycopg (not asyncpg) connections with ``autocommit=True,
 prepare_threshold=0, row_factory=dict_row``. Its tables live in the ``agentworker`` schema and are created
-by ``agentworker migrate`` (:func:`setup_checkpoint_tables`), which also puts them under row-level
-security: thread ids are ``{tenant_id}:{run_id}`` and a row is visible only when the thread's tenant is the
-connection's ``agentworker.tenant_id``. :meth:`CheckpointStore.saver` lends one connection of the pool to
+by ``agentworker migrate`` (LangGraph's own setup, then our row-level security from
+``agentworker/db/migrations/repeatable/checkpoint_rls.sql``: see :mod:`agentworker.db.migrate`): thread ids
+are ``{tenant_id}:{run_id}`` and a row is visible only when the thread's tenant is the connection's
+``agentworker.tenant_id``. :meth:`CheckpointStore.saver` lends one connection of the pool to
 one run, as ``agentworker_app`` with that tenant set, and holds an advisory lock on the thread so two jobs
 never advance the same run at once.
 """
@@ -21,10 +22,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from agentworker.db.database import APP_ROLE, SCHEMA, TENANT_SETTING, DatabaseError, DatabaseUnavailable
-from agentworker.db.migrate import MigrationError
 from agentworker.db.urls import redact_url
-
-CHECKPOINT_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
 
 _CONNECTION_KWARGS: dict[str, Any] = {
     "autocommit": True,
@@ -37,32 +35,6 @@ _CONNECTION_KWARGS: dict[str, Any] = {
 def thread_id(tenant_id: str, run_id: str) -> str:
     """The LangGraph thread of a run (tenant ids have no ':', so the prefix is the tenant)."""
     return f"{tenant_id}:{run_id}"
-
-
-async def setup_checkpoint_tables(url: str) -> None:
-    """Create or upgrade LangGraph's tables, then (again, idempotently) put them under RLS.
-
-    Run by ``agentworker migrate`` as the migrating user, after the SQL migrations."""
-    try:
-        await _setup_checkpoint_tables(url)
-    except psycopg.Error as exc:
-        raise MigrationError(f"setting up LangGraph's checkpoint tables failed: {type(exc).__name__}: {exc}") from None
-
-
-async def _setup_checkpoint_tables(url: str) -> None:
-    async with await psycopg.AsyncConnection.connect(url, **_CONNECTION_KWARGS) as conn:
-        await AsyncPostgresSaver(conn).setup()
-        async with conn.transaction():
-            await conn.execute(f"GRANT SELECT ON {SCHEMA}.checkpoint_migrations TO {APP_ROLE}")
-            for table in CHECKPOINT_TABLES:
-                await conn.execute(f"ALTER TABLE {SCHEMA}.{table} ENABLE ROW LEVEL SECURITY")
-                await conn.execute(f"ALTER TABLE {SCHEMA}.{table} FORCE ROW LEVEL SECURITY")
-                await conn.execute(f"DROP POLICY IF EXISTS tenant_isolation ON {SCHEMA}.{table}")
-                await conn.execute(
-                    f"CREATE POLICY tenant_isolation ON {SCHEMA}.{table} "
-                    f"USING (split_part(thread_id, ':', 1) = current_setting('{TENANT_SETTING}', true)) "
-                    f"WITH CHECK (split_part(thread_id, ':', 1) = current_setting('{TENANT_SETTING}', true))")
-                await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {SCHEMA}.{table} TO {APP_ROLE}")
 
 
 def is_lost_connection(exc: BaseException, conn: psycopg.AsyncConnection[Any] | None = None) -> bool:

@@ -34,6 +34,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from agentworker import egress
+from agentworker.errors import AgentWorkerError
 from agentworker.graphs.model_metrics import LlmCallMetrics
 from agentworker.integrations import MAX_TIMEOUT_SECONDS, ModelSettings
 
@@ -53,7 +54,7 @@ _NO_KEY = "agentworker-no-tenant-key"
 _PLATFORM_HEADERS = ("OpenAI-Organization", "OpenAI-Project")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(AgentWorkerError, ValueError):
     """A model name that is neither ``offline`` nor a usable ``provider:model`` string."""
 
 

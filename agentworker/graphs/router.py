@@ -21,6 +21,8 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage, SystemMessage
 from langgraph.graph import END, START, StateGraph
 
+from agentworker.logs import Logger
+
 AGENTS = ("chat", "tool", "workflow")
 ACTION_WORDS = re.compile(r"\b(send|e-?mail|schedule|book|create|update|add|note|invite|cancel|remind)\b",
                           re.IGNORECASE)
@@ -73,7 +75,7 @@ def parse_model_route(text: str, workflows: Sequence[str]) -> RouteDecision | No
 
 
 async def decide_route(model: BaseChatModel | None, message: str, workflows: Sequence[str],
-                       log: Any = None) -> RouteDecision:
+                       log: Logger | None = None) -> RouteDecision:
     """Ask ``model`` (when there is one); fall back to :func:`rule_route`."""
     if model is not None:
         prompt = ROUTER_PROMPT.format(workflows=", ".join(workflows) or "(none)")

@@ -7,29 +7,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from agentworker import egress
-from agentworker.db.ledger import Ledger, effect_key
+from agentworker.errors import AgentWorkerError
 from agentworker.graphs import agent_step
 from agentworker.graphs.models import chat_model
 from agentworker.safe_yaml import DocumentRefused, check_value
 from agentworker.settings import InputLimits
 from agentworker.tools import builtin as _builtin_tools  # noqa: F401 - registers the built-in tools
-from agentworker.tools.registry import TOOLS, EmitFunction, ToolContext
+from agentworker.tools.registry import TOOLS
 from agentworker.workflows.definition import AgentStep, HttpStep, LlmStep, StepBase, ToolStep, TransformStep
 
 if TYPE_CHECKING:
-    from agentworker.event_outbox import EventOutbox
+    from agentworker.graphs.run_context import RunContext
 
 SIDE_EFFECT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _MAX_BODY_BYTES = 1_048_576
 
 
-class StepError(Exception):
+class StepError(AgentWorkerError):
     """A step failed in a way worth retrying (per its retry policy)."""
 
 
@@ -37,27 +36,11 @@ class PermanentStepError(StepError):
     """A step failed in a way retrying cannot fix (bad rendered input, unknown tool, no agent)."""
 
 
-@dataclass(frozen=True, slots=True)
-class StepEnvironment:
-    tenant_id: str
-    run_id: str
-    ledger: Ledger
-    emit: EmitFunction
-    log: Any
-    #: where tools' promised events are recorded (:meth:`ToolContext.emit_once`); None: published best effort
-    outbox: EventOutbox | None = None
-
-    def tool_context(self, step_id: str, call_key: str) -> ToolContext:
-        return ToolContext(tenant_id=self.tenant_id, run_id=self.run_id, step_id=step_id, log=self.log,
-                           idempotency_key=effect_key(self.tenant_id, self.run_id, step_id, call_key),
-                           emit=self.emit, database=self.ledger.database, outbox=self.outbox)
-
-
 #: the rendered fields of each step kind that go to a model as a prompt
 _PROMPT_FIELDS = {"llm": ("prompt", "system"), "agent": ("instructions",)}
 
 
-async def execute(step: StepBase, values: Mapping[str, Any], env: StepEnvironment) -> Any:
+async def execute(step: StepBase, values: Mapping[str, Any], run: RunContext) -> Any:
     """Run one attempt of ``step`` with its templated fields already rendered into ``values``.
 
     Within the input limits: a rendered prompt over ``AGENTWORKER_MAX_PROMPT_BYTES`` is not sent, and an
@@ -68,7 +51,7 @@ async def execute(step: StepBase, values: Mapping[str, Any], env: StepEnvironmen
         if size > limits.max_prompt_bytes:
             raise PermanentStepError(limits.refusal(
                 "max_prompt_bytes", f"the rendered {name} of step {step.id!r} is {size} bytes"))
-    output = await _execute_kind(step, values, env)
+    output = await _execute_kind(step, values, run)
     try:
         check_value(output, what=f"the output of step {step.id!r}", limits=limits, size_limit="max_step_output_bytes")
     except DocumentRefused as exc:
@@ -76,19 +59,19 @@ async def execute(step: StepBase, values: Mapping[str, Any], env: StepEnvironmen
     return output
 
 
-async def _execute_kind(step: StepBase, values: Mapping[str, Any], env: StepEnvironment) -> Any:
+async def _execute_kind(step: StepBase, values: Mapping[str, Any], run: RunContext) -> Any:
     if isinstance(step, TransformStep):
         return _transform(values)
     if isinstance(step, HttpStep):
-        return await _http(step, values, env)
+        return await _http(step, values, run)
     if isinstance(step, LlmStep):
         return await _llm(step, values)
     if isinstance(step, ToolStep):
-        return await _tool(step, values, env)
+        return await _tool(step, values, run)
     if isinstance(step, AgentStep):
         try:
             return await agent_step.run_agent_step(
-                context=env.tool_context(step.id, "agent"), instructions=values["instructions"], tools=step.tools,
+                run.scope, run_id=run.run_id, step_id=step.id, instructions=values["instructions"], tools=step.tools,
                 model=step.model, max_iterations=step.max_iterations, timeout=step.timeout_seconds)
         except agent_step.AgentStepUnavailable as exc:
             raise PermanentStepError(str(exc)) from None
@@ -106,7 +89,7 @@ def _transform(values: Mapping[str, Any]) -> Any:
     return merged
 
 
-async def _http(step: HttpStep, values: Mapping[str, Any], env: StepEnvironment) -> Any:
+async def _http(step: HttpStep, values: Mapping[str, Any], run: RunContext) -> Any:
     url = values["url"]
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise PermanentStepError(f"url {url!r} is not an http:// or https:// URL")
@@ -138,7 +121,7 @@ async def _http(step: HttpStep, values: Mapping[str, Any], env: StepEnvironment)
         return {"status": status, "content_type": content_type, "body": body}
 
     if step.method in SIDE_EFFECT_METHODS:
-        return await env.ledger.run_once(env.tenant_id, env.run_id, step.id, f"http:{step.method}", request)
+        return await run.scope.ledger.run_once(run.tenant_id, run.run_id, step.id, f"http:{step.method}", request)
     return await request(None)
 
 
@@ -154,19 +137,19 @@ async def _llm(step: LlmStep, values: Mapping[str, Any]) -> Any:
     return {"text": answer.text, "model": step.model or "offline"}
 
 
-async def _tool(step: ToolStep, values: Mapping[str, Any], env: StepEnvironment) -> Any:
+async def _tool(step: ToolStep, values: Mapping[str, Any], run: RunContext) -> Any:
     from agentworker.tools.registry import UnknownTool
 
     try:
-        found = TOOLS.get(env.tenant_id, step.tool)
+        found = TOOLS.get(run.tenant_id, step.tool)
     except UnknownTool as exc:
         raise PermanentStepError(str(exc)) from None
     call_key = f"tool:{found.name}"
     args = dict(values.get("args") or {})
     if not found.side_effects:
-        return await found.func(env.tool_context(step.id, call_key), args)
+        return await found.func(run.tool_context(step.id, call_key), args)
 
     async def effect(_key: str) -> Any:
-        return await found.func(env.tool_context(step.id, call_key), args)
+        return await found.func(run.tool_context(step.id, call_key), args)
 
-    return await env.ledger.run_once(env.tenant_id, env.run_id, step.id, call_key, effect)
+    return await run.scope.ledger.run_once(run.tenant_id, run.run_id, step.id, call_key, effect)

@@ -17,17 +17,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Annotated, Any, TypedDict
 
 from langgraph.types import interrupt
 
 from agentworker.db import approvals, runs
-from agentworker.db.database import Database, DatabaseError, TenantTransaction
+from agentworker.db.database import DatabaseError
 from agentworker.db.runs import StepStatus
-from agentworker.event_outbox import EventOutbox
-from agentworker.events import stable_event_id
-from agentworker.graphs.step_kinds import PermanentStepError, StepEnvironment, execute
+from agentworker.graphs.run_context import RunContext
+from agentworker.graphs.step_kinds import PermanentStepError, execute
 from agentworker.workflows.definition import ApprovalStep, StepBase
 from agentworker.workflows.templates import TemplateError, render
 
@@ -55,31 +53,6 @@ class StepFailed(Exception):
         self.step_id = step_id
         self.error = error
         super().__init__(f"step {step_id!r} failed: {error.get('message')}")
-
-
-@dataclass(frozen=True, slots=True)
-class RunContext:
-    """One job's view of one run: who, which run, and the services its nodes use."""
-
-    tenant_id: str
-    workflow_id: str
-    run_id: str
-    job_id: str
-    database: Database
-    env: StepEnvironment
-    outbox: EventOutbox
-    log: Any
-
-    async def promise(self, tx: TenantTransaction, event: str, data: dict[str, Any], *key: object) -> None:
-        """Record ``event`` in ``tx`` and publish it after the commit; ``key`` (step id, attempt) and the
-        event name make its id within the run."""
-        await self.outbox.promise(tx, event, data, stable_event_id(self.tenant_id, "workflow", self.run_id, event,
-                                                                   *key))
-
-    def event(self, step_id: str | None, status: str, output: Any = None, **extra: Any) -> dict[str, Any]:
-        """The data of a workflow event, in the seed's ``workflow_step_completed`` shape."""
-        return {"workflow_id": self.workflow_id, "run_id": self.run_id, "step_id": step_id, "status": status,
-                "output": output, **extra}
 
 
 def error_of(exc: BaseException, message: str | None = None) -> dict[str, Any]:
@@ -136,7 +109,7 @@ async def _attempts(step: StepBase, run: RunContext, context: dict[str, Any]) ->
                 raise PermanentStepError(f"cannot render the inputs: {render_error}")
             assert values is not None
             async with deadline:
-                output = await execute(step, values, run.env)
+                output = await execute(step, values, run)
             json.dumps(output)
         except DatabaseError:
             raise  # the job is retried; this attempt's row stays 'running' and is marked interrupted then

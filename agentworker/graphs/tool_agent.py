@@ -21,9 +21,9 @@ from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
+from agentworker.errors import AgentWorkerError
 from agentworker.graphs.agent_events import AgentEvents, pending_actions
 from agentworker.graphs.agent_runtime import (
-    AgentEnvironment,
     AgentOutcome,
     agent_config,
     agent_model,
@@ -31,7 +31,8 @@ from agentworker.graphs.agent_runtime import (
     drive,
     outcome_of,
 )
-from agentworker.tools.toolset import ToolScope, open_toolset
+from agentworker.tools.scope import TenantScope
+from agentworker.tools.toolset import open_toolset
 
 TOOL_AGENT_PROMPT = (
     "You are the tool agent of an organisation's assistant. Carry out the request with the tools you have, "
@@ -42,11 +43,11 @@ STEP_AGENT_PROMPT = (
     "answer with the result only.")
 
 
-class AgentRunNotFound(LookupError):
+class AgentRunNotFound(AgentWorkerError, LookupError):
     """No agent run of that id for the tenant (another tenant's run is not found either)."""
 
 
-class InvalidAgentDecision(ValueError):
+class InvalidAgentDecision(AgentWorkerError, ValueError):
     """A decision that does not fit the calls waiting for approval."""
 
 
@@ -54,7 +55,7 @@ def agent_thread(tenant_id: str, run_id: str) -> str:
     return f"{tenant_id}:agent:{run_id}"
 
 
-async def run_tool_agent(env: AgentEnvironment, *, run_id: str, instructions: str | None = None,
+async def run_tool_agent(env: TenantScope, *, run_id: str, instructions: str | None = None,
                          decisions: list[dict[str, Any]] | None = None, tools: Sequence[str] | None = None,
                          model: str | None = None, max_iterations: int = 10) -> AgentOutcome:
     """Start run ``run_id`` with ``instructions``, continue it after a crash, or resume it with ``decisions``.
@@ -66,10 +67,9 @@ async def run_tool_agent(env: AgentEnvironment, *, run_id: str, instructions: st
     chosen = await agent_model(env, model)
     thread = agent_thread(env.tenant_id, run_id)
     events = AgentEvents(env.emit, {"agent": "tool", "run_id": run_id})
-    scope = ToolScope(tenant_id=env.tenant_id, run_id=f"agent:{run_id}", step_id="tools", database=env.database,
-                      emit=env.emit, log=env.log, outbox=env.outbox)
     config = agent_config(thread, max_iterations)
-    async with open_toolset(scope, names=tools) as toolset, env.checkpoints.saver(env.tenant_id, thread) as saver:
+    async with open_toolset(env, run_id=f"agent:{run_id}", step_id="tools", names=tools) as toolset, \
+            env.checkpoints.saver(env.tenant_id, thread) as saver:
         agent = build_agent(chosen, toolset, system_prompt=TOOL_AGENT_PROMPT, checkpointer=saver,
                             max_iterations=max_iterations, approval=True)
         snapshot = await agent.aget_state(config)
@@ -122,16 +122,14 @@ def to_hitl_decisions(decisions: list[dict[str, Any]], actions: list[dict[str, A
     return converted
 
 
-async def run_step_agent(env: AgentEnvironment, *, run_id: str, step_id: str, instructions: str,
+async def run_step_agent(env: TenantScope, *, run_id: str, step_id: str, instructions: str,
                          tools: Sequence[str], model: str | None, max_iterations: int,
                          timeout: float) -> AgentOutcome:
     """One workflow agent step: the tools named in ``tools`` only, no approval, no state kept."""
     chosen = await agent_model(env, model, timeout=timeout)
     events = AgentEvents(env.emit, {"agent": "step", "run_id": run_id, "step_id": step_id})
-    scope = ToolScope(tenant_id=env.tenant_id, run_id=run_id, step_id=step_id, database=env.database,
-                      emit=env.emit, log=env.log, outbox=env.outbox)
     config = agent_config(f"{env.tenant_id}:step:{run_id}:{step_id}", max_iterations)
-    async with open_toolset(scope, names=list(tools)) as toolset:
+    async with open_toolset(env, run_id=run_id, step_id=step_id, names=list(tools)) as toolset:
         agent = build_agent(chosen, toolset, system_prompt=STEP_AGENT_PROMPT, checkpointer=InMemorySaver(),
                             max_iterations=max_iterations, approval=False)
         snapshot = await drive(agent, {"messages": [HumanMessage(content=instructions)]}, config, events)

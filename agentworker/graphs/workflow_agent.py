@@ -18,13 +18,15 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 
 from agentworker.db.runs import RunStatus
+from agentworker.errors import AgentWorkerError
 from agentworker.graphs.checkpoints import CheckpointStore, thread_id
-from agentworker.graphs.step_nodes import RunContext, RunState, StepFailed, make_node
+from agentworker.graphs.run_context import RunContext
+from agentworker.graphs.step_nodes import RunState, StepFailed, make_node
 from agentworker.workflows.definition import WorkflowDefinition
 from agentworker.workflows.templates import TemplateError, render
 
 
-class NotWaitingForApproval(RuntimeError):
+class NotWaitingForApproval(AgentWorkerError, RuntimeError):
     """``resume_run`` named a step the run is not paused at."""
 
 

@@ -8,8 +8,10 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from agentworker.errors import AgentWorkerError
 
-class StatusUnavailable(Exception):
+
+class StatusUnavailable(AgentWorkerError):
     """The supervisor could not be reached or did not answer with a status document."""
 
 

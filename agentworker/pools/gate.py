@@ -37,9 +37,6 @@ class ConcurrencyGate:
     def waiting(self) -> int:
         return sum(len(line) for line in self._lines.values())
 
-    def has_room(self) -> bool:
-        return not self._closed and self._in_use < self._limit
-
     async def acquire(self, line: Hashable) -> bool:
         """Take a slot for ``line`` (a shard); False if the gate was closed meanwhile."""
         if self._closed:
@@ -72,12 +69,6 @@ class ConcurrencyGate:
         if self._in_use <= 0:
             raise RuntimeError("release() without a matching acquire()")
         self._in_use -= 1
-        self._grant()
-
-    def set_limit(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError("limit must be >= 1")
-        self._limit = limit
         self._grant()
 
     def close(self) -> None:

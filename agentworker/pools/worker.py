@@ -52,8 +52,9 @@ from agentworker.logs import configure_logging, get_logger
 from agentworker.pools.arq_internals import ShardWorker
 from agentworker.pools.gate import ConcurrencyGate
 from agentworker.pools.leases import Leases
-from agentworker.schedules.dispatcher import dispatch_for_worker
+from agentworker.schedules.dispatcher import dispatch_forever
 from agentworker.settings import Settings, SettingsError
+from agentworker.submit import JobSubmitter
 from agentworker.tasks.context import JobRuntime
 from agentworker.tasks.envelope import FinalFailure, make_job_function, make_reject_function, report_final_failure
 from agentworker.tasks.registry import TaskRegistry, load_task_modules
@@ -72,6 +73,22 @@ def build_functions(registry: TaskRegistry, job_timeout: float) -> list[Function
                  for task in registry]
     functions.append(func(make_reject_function(), name=jobs.REJECT_TASK, timeout=job_timeout + 1))  # type: ignore[arg-type]
     return functions
+
+
+async def dispatch_schedules(runtime: JobRuntime) -> None:
+    """This process's schedule dispatcher (:mod:`agentworker.schedules.dispatcher`), on the database pool
+    its jobs use and a submitter borrowing its Redis client.
+
+    ``AGENTWORKER_SCHEDULER=off`` turns it off in this process (dispatch stays exactly once however many
+    processes run it; turning it off only saves their database queries)."""
+    if runtime.settings.scheduler == "off":
+        return
+
+    def submitter() -> JobSubmitter:
+        # A new one per pass: runtime.config is swapped in place when the quota file is reloaded.
+        return JobSubmitter(runtime.redis, runtime.config, max_payload_bytes=runtime.settings.max_payload_bytes)
+
+    await dispatch_forever(runtime.database, submitter)
 
 
 class WorkerProcess:
@@ -138,7 +155,7 @@ class WorkerProcess:
             asyncio.create_task(self._listen_for_wakeups(), name="wakeups"),
             asyncio.create_task(self._write_status_forever(), name="status"),
             # Tenant schedules: every worker process dispatches (see agentworker.schedules.dispatcher).
-            asyncio.create_task(dispatch_for_worker(self.runtime), name="schedule-dispatcher"),
+            asyncio.create_task(dispatch_schedules(self.runtime), name="schedule-dispatcher"),
             # Workflow runs left `running` with no job behind them: one process at a time fails them.
             asyncio.create_task(sweep_forever(self.runtime), name="run-sweeper"),
             # Promised events whose process died (or is still waiting for Redis): one process relays them.
@@ -153,7 +170,8 @@ class WorkerProcess:
             exit_code = await self._run_until_stopped(mains)
         finally:
             await self._drain(mains, background)
-            await self.runtime.resources.aclose(log)
+            await self.runtime.resources.aclose(log)  # the event outbox first: its last publications
+            await self.runtime.events.flush(timeout=2.0)  # what the jobs published, before Redis closes
             with contextlib.suppress(RedisError, OSError):
                 await redis.aclose()
         log.info("worker stopped", jobs_served=self.jobs_served, exit_code=exit_code)

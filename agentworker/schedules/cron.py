@@ -28,8 +28,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 # croniter ships no type information (and its stubs follow an older major version).
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter  # type: ignore[import-untyped]
 
+from agentworker.errors import AgentWorkerError
 
-class InvalidCron(ValueError):
+
+class InvalidCron(AgentWorkerError, ValueError):
     """A cron expression or time zone that cannot be used (one sentence naming the value)."""
 
 

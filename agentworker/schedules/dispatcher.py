@@ -1,8 +1,9 @@
 """The dispatcher: enqueue each due run of every tenant's schedules, exactly once per due time.
 
-It runs in every worker process (see :func:`dispatch_for_worker`), each pass about once a second with
-jitter, so any number of processes on any number of hosts, starting and stopping, share the work with no
-leader to elect. Each pass:
+It runs in every worker process (:mod:`agentworker.pools.worker` runs :func:`dispatch_forever` on the
+process's database pool and Redis client), each pass about once a second with jitter, so any number of
+processes on any number of hosts, starting and stopping, share the work with no leader to elect. Each
+pass:
 
 1. asks PostgreSQL which schedules are due (``agentworker.due_schedules``: ids and due times of every
    tenant, nothing else) by the **database's clock**, the one clock every dispatcher shares, so hosts'
@@ -11,8 +12,8 @@ leader to elect. Each pass:
    with (``FOR UPDATE SKIP LOCKED``: another dispatcher working on it, or done with it, makes this one
    move on) and applies :func:`~agentworker.schedules.plan.plan_step`;
 3. enqueues the run **first**, with the deterministic job id ``{tenant}:{task}:sched-{schedule}-{epoch}``
-   through the client's admission (the tenant's shard, ``max_pending`` and ``rate_limit``), **then**
-   moves ``next_due_at`` on with a compare-and-set ``UPDATE`` and commits.
+   through the job submitter (:mod:`agentworker.submit`: the tenant's shard, ``max_pending`` and
+   ``rate_limit``), **then** moves ``next_due_at`` on with a compare-and-set ``UPDATE`` and commits.
 
 A dispatcher that dies between the enqueue and the commit leaves the row as it was; the next one
 enqueues the same job id again, which is a no-op while that job or its result exists
@@ -28,12 +29,11 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.exceptions import RedisError
 
 from agentworker import metrics
-from agentworker.client import AgentWorkerClient, JobHandle, QuotaExceeded
 from agentworker.db import Database, DatabaseError, DatabaseNotMigrated
 from agentworker.db import schedules as rows
 from agentworker.jobs import InvalidJob
@@ -41,9 +41,7 @@ from agentworker.logs import get_logger
 from agentworker.routing import InvalidTenantId
 from agentworker.schedules.plan import plan_step
 from agentworker.schedules.spec import ScheduleSpec, fill_due_at
-
-if TYPE_CHECKING:
-    from agentworker.tasks.context import JobRuntime
+from agentworker.submit import JobSubmitter, QuotaExceeded, Submitted
 
 log = get_logger("agentworker.schedules")
 
@@ -60,7 +58,8 @@ QUOTA_HOLD_S = 5.0
 _RETRY_MAX_S = 30.0
 _NOT_MIGRATED_RETRY_S = 60.0
 
-ClientFactory = Callable[[Database], AgentWorkerClient]
+#: a submitter on the current quota config (built per pass: the quota file may have been reloaded)
+SubmitterFactory = Callable[[], JobSubmitter]
 
 
 @dataclass
@@ -97,10 +96,10 @@ def target_of(spec: ScheduleSpec, due: datetime) -> tuple[str, dict[str, Any]]:
 class Dispatcher:
     """One process's dispatcher. ``clock`` (tests only) replaces the database's clock."""
 
-    def __init__(self, database: Database, client: AgentWorkerClient, *,
+    def __init__(self, database: Database, submitter: JobSubmitter, *,
                  clock: Callable[[], datetime] | None = None, batch_size: int = BATCH_SIZE) -> None:
         self.database = database
-        self.client = client
+        self.submitter = submitter
         self.clock = clock
         self.batch_size = batch_size
 
@@ -160,10 +159,10 @@ class Dispatcher:
                     return
 
     async def _enqueue(self, tx: Any, tenant_id: str, spec: ScheduleSpec, due: datetime, now: datetime,
-                       report: PassReport) -> JobHandle | None:
+                       report: PassReport) -> Submitted | None:
         task, payload = target_of(spec, due)
         try:
-            handle = await self.client.enqueue(task, tenant_id, payload, idempotency_key=job_key(spec.id, due))
+            handle = await self.submitter.submit(task, tenant_id, payload, idempotency_key=job_key(spec.id, due))
         except QuotaExceeded as exc:
             hold = exc.retry_after if exc.retry_after is not None else QUOTA_HOLD_S
             await rows.hold(tx, spec.id, until=now + timedelta(seconds=max(hold, 0.5)), error=str(exc))
@@ -190,17 +189,19 @@ class Dispatcher:
         return handle
 
 
-async def dispatch_forever(get_database: Callable[[], Awaitable[Database]], make_client: ClientFactory, *,
+async def dispatch_forever(get_database: Callable[[], Awaitable[Database]], make_submitter: SubmitterFactory, *,
                            interval: float = DISPATCH_INTERVAL_S) -> None:
     """Dispatch until cancelled. Never raises: PostgreSQL or Redis down, or a schema not yet migrated,
-    are logged once and retried with backoff, so a worker's jobs never depend on scheduling."""
+    are logged once and retried with backoff, so a worker's jobs never depend on scheduling.
+
+    ``get_database``: the process's pool (shared with its jobs); ``make_submitter``: called once per pass."""
     retry = 1.0
     failing: str | None = None
     while True:
         pause = interval * random.uniform(0.5, 1.0)
         try:
             database = await get_database()
-            report = await Dispatcher(database, make_client(database)).dispatch_once()
+            report = await Dispatcher(database, make_submitter()).dispatch_once()
             if failing is not None:
                 log.info("schedule dispatching resumed")
             failing, retry = None, 1.0
@@ -222,21 +223,3 @@ def _log_once(failing: str | None, message: str, error: str) -> str:
     if failing != message:
         log.warning(message, error=error)
     return message
-
-
-async def dispatch_for_worker(runtime: JobRuntime) -> None:
-    """The dispatcher of a worker process: its database pool is the one its workflow jobs use.
-
-    ``AGENTWORKER_SCHEDULER=off`` turns it off in this process (dispatch stays exactly once however many
-    processes run it; turning it off only saves their database queries)."""
-    if runtime.settings.scheduler == "off":
-        return
-
-    async def get_database() -> Database:
-        return await runtime.database()
-
-    def make_client(database: Database) -> AgentWorkerClient:
-        # Built per pass: the quota file may have been reloaded. It borrows the worker's Redis client.
-        return AgentWorkerClient(runtime.redis, runtime.config, runtime.settings, database=database)
-
-    await dispatch_forever(get_database, make_client)

@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentworker import metrics
-from agentworker.client import AgentWorkerClient
 from agentworker.db import Database
 from agentworker.db import schedules as rows
+from agentworker.errors import AgentWorkerError
 from agentworker.schedules.sources import SEEN_LIMIT, SourceError, read_source
 from agentworker.schedules.spec import ScheduleSpec
+from agentworker.submit import JobSubmitter
 
 
-class PollSourceFailed(Exception):
+class PollSourceFailed(AgentWorkerError):
     """The source failed; the failure is recorded on the schedule and the next polls back off."""
 
 
@@ -57,7 +58,7 @@ def backoff_seconds(failures: int, initial: float, maximum: float) -> float:
     return float(min(maximum, initial * 2 ** min(max(failures - 1, 0), 40)))
 
 
-async def poll_once(database: Database, client: AgentWorkerClient, tenant_id: str, schedule_id: str,
+async def poll_once(database: Database, submitter: JobSubmitter, tenant_id: str, schedule_id: str,
                     log: Any) -> PollResult:
     """Poll the source of ``schedule_id`` once (see the module's docstring)."""
     async with database.tenant(tenant_id) as tx:
@@ -85,7 +86,7 @@ async def poll_once(database: Database, client: AgentWorkerClient, tenant_id: st
             return PollResult("superseded", cursor=None if locked is None else locked.poll_state.get("cursor"))
         job_ids = []
         for item, identifier in zip(read.new_items, read.new_ids, strict=True):
-            handle = await client.enqueue(
+            handle = await submitter.submit(
                 "execute_workflow", tenant_id, idempotency_key=item_job_key(schedule_id, identifier),
                 payload={"workflow_id": source.workflow_id, "trigger": "poll",
                          "input_data": {"item": item, "schedule_id": schedule_id}})

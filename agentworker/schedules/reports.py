@@ -17,21 +17,21 @@ recipient list (and the email outbox covers a crash in the middle of the send).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agentworker.db import Database
-from agentworker.db.ledger import Ledger
 from agentworker.db.run_reports import RunSummary, summarise_runs
+from agentworker.errors import AgentWorkerError
+
+if TYPE_CHECKING:
+    from agentworker.tools.scope import TenantScope
 
 REPORT_RUN_ID = "run-report"
 MAX_PERIOD_HOURS = 24 * 31
 
-Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
-class InvalidReport(ValueError):
+class InvalidReport(AgentWorkerError, ValueError):
     """Report arguments that cannot be used."""
 
 
@@ -74,11 +74,12 @@ def render(tenant_id: str, summary: RunSummary) -> tuple[str, str]:
     return subject, "\n".join(lines) + "\n"
 
 
-async def send_report(database: Database, tenant_id: str, to: list[str], *, period_hours: int = 24,
-                      period_end: str | None = None, subject: str | None = None, log: Any,
-                      emit: Emit) -> dict[str, Any]:
+async def send_report(scope: TenantScope, to: list[str], *, period_hours: int = 24, period_end: str | None = None,
+                      subject: str | None = None) -> dict[str, Any]:
     """Summarise the period and email it once; return ``{"period", "summary", "email"}``."""
-    from agentworker.tools import TOOLS, ToolContext
+    from agentworker.tools import TOOLS
+
+    tenant_id, database = scope.tenant_id, scope.database
 
     start, end = report_window(period_end, period_hours)
     async with database.tenant(tenant_id) as tx:
@@ -90,10 +91,8 @@ async def send_report(database: Database, tenant_id: str, to: list[str], *, peri
     recipients = hashlib.sha256("\x1f".join(sorted(to)).encode()).hexdigest()[:24]
 
     async def effect(key: str) -> Any:
-        context = ToolContext(tenant_id=tenant_id, run_id=REPORT_RUN_ID, step_id=period, idempotency_key=key,
-                              log=log, emit=emit, database=database)
-        return await send_email.func(context, args)
+        return await send_email.func(scope.tool_context(REPORT_RUN_ID, period, idempotency_key=key), args)
 
-    receipt = await Ledger(database).run_once(tenant_id, REPORT_RUN_ID, period, f"send_email:{recipients}", effect)
-    log.info("run report sent", period=period, runs=summary.total, email_status=receipt.get("status"))
+    receipt = await scope.ledger.run_once(tenant_id, REPORT_RUN_ID, period, f"send_email:{recipients}", effect)
+    scope.log.info("run report sent", period=period, runs=summary.total, email_status=receipt.get("status"))
     return {"period": period, "summary": summary.to_dict(), "email": receipt}

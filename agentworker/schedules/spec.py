@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from agentworker.errors import AgentWorkerError
 from agentworker.integrations import HttpUrl, describe_errors
 from agentworker.jobs import TASK_NAME_RE
 from agentworker.safe_yaml import DocumentRefused, check_value, load_yaml, one_line
@@ -44,7 +45,7 @@ MAX_PAYLOAD_BYTES = 65_536
 Kind = Literal["task", "workflow", "poll"]
 
 
-class InvalidSchedule(ValueError):
+class InvalidSchedule(AgentWorkerError, ValueError):
     """A schedule that cannot be saved; the message names each bad key and what is wrong with it."""
 
 

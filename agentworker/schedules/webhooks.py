@@ -44,11 +44,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from agentworker import metrics
-from agentworker.client import AgentWorkerClient
 from agentworker.db import SCHEMA, Database
 from agentworker.db import integrations as integration_rows
+from agentworker.errors import AgentWorkerError
 from agentworker.integrations import WEBHOOK_SOURCE_PATTERN, WebhookSettings
 from agentworker.jobs import MAX_PAYLOAD_DEPTH, make_job_id, nesting_depth
+from agentworker.submit import JobSubmitter
 
 DELIVERY_RETENTION_DAYS = 30
 _MAX_DELIVERY_ID = 200
@@ -65,7 +66,7 @@ _MAX_SHOWN = 80
 MAX_BODY_DEPTH = MAX_PAYLOAD_DEPTH - 2
 
 
-class WebhookRejected(Exception):
+class WebhookRejected(AgentWorkerError):
     """The webhook was refused before anything ran; ``outcome`` is the metric's label."""
 
     def __init__(self, outcome: str, message: str) -> None:
@@ -166,7 +167,7 @@ def _workflow_input(source: str, delivery_id: str, headers: Mapping[str, str], p
             "headers": {k: v for k, v in sorted(headers.items()) if k not in hidden}}
 
 
-async def receive(database: Database, client: AgentWorkerClient, tenant_id: str, source: str,
+async def receive(database: Database, submitter: JobSubmitter, tenant_id: str, source: str,
                   headers: Mapping[str, Any], body: bytes, log: Any, *, now: float | None = None) -> dict[str, Any]:
     """Verify, deduplicate and start the source's workflow; return ``{"status", "delivery_id", "job_id"}``."""
     lowered = {str(k).lower(): str(v) for k, v in headers.items()}
@@ -193,7 +194,7 @@ async def receive(database: Database, client: AgentWorkerClient, tenant_id: str,
             log.info("webhook delivery already received", source=source, delivery_id=delivery)
             return {"status": "duplicate", "delivery_id": delivery, "job_id": job_id}
         # Enqueued inside the transaction: if the commit is lost, the retry enqueues the same job id (a no-op).
-        handle = await client.enqueue("execute_workflow", tenant_id, idempotency_key=key, payload={
+        handle = await submitter.submit("execute_workflow", tenant_id, idempotency_key=key, payload={
             "workflow_id": settings.workflow_id, "trigger": "webhook",
             "input_data": _workflow_input(source, delivery, lowered, payload, settings)})
     metrics.WEBHOOKS_TOTAL.labels("accepted").inc()

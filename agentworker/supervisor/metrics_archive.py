@@ -21,6 +21,10 @@ The archive is written to a temporary name (not ending in ``.db``, so the collec
 renamed over the old one, so a scrape sees the old or the new archive, never half of one. The
 supervisor archives and scrapes on one event loop thread, so a scrape never sees the worker's samples
 both in its own file and in the archive.
+
+This is the one module that uses prometheus_client's private ``MmapedDict`` (and its file names); what
+it relies on is checked by ``tests/test_prometheus_internals.py``, and the pin in pyproject.toml is to
+the versions that test passed on.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import contextlib
 import glob
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 
 from prometheus_client.mmap_dict import MmapedDict
@@ -128,9 +131,3 @@ class MetricsArchive:
         # Also removes live gauge files, should a future prometheus_client name them differently.
         mark_process_dead(pid, str(self.directory))  # type: ignore[no-untyped-call]
         return removed
-
-    def retire_all_except(self, live_pids: Iterable[int]) -> int:
-        """Retire every pid with files that is not in ``live_pids`` (files of processes that died
-        without being seen, e.g. before a supervisor crash); return how many files were removed."""
-        live = set(live_pids)
-        return sum(self.retire(pid) for pid in sorted(self.pids() - live))

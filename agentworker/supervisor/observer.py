@@ -78,7 +78,6 @@ class RedisObserver:
         self._published: tuple[int, float] | None = None  # (config version, monotonic time)
         self._releases: set[asyncio.Task[None]] = set()
         self._depth_sha: str | None = None
-        self.jobs_released = 0
         # Rerouting (agentworker/rerouting.py): the routing the queued jobs in Redis follow, and for which
         # config version (None: that of the last routing table published, read at start).
         self._routed: QuotaConfig | None = None
@@ -119,7 +118,6 @@ class RedisObserver:
                 await asyncio.sleep(0.2 * 2**attempt)
                 continue
             if released:
-                self.jobs_released += released
                 log.info("released the jobs of a dead worker", worker_pid=pid, pool=pool, jobs=released)
             return
 

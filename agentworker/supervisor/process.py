@@ -26,6 +26,9 @@ import psutil
 
 from agentworker.config import PoolQuota
 
+#: the worker process, started by name (the supervisor never imports it: see agentworker.supervisor)
+WORKER_MODULE = "agentworker.pools.worker"
+
 # argv: [python, -I, -S, -c, CODE, parent_pid, program, *args]
 _PDEATHSIG_EXEC = (
     "import ctypes,os,signal,sys\n"
@@ -172,7 +175,7 @@ class WorkerHandle:
 
 def worker_argv(config_path: Path, pool: str, slot: int, status_path: Path) -> list[str]:
     """The command line of a worker process (without the PDEATHSIG wrapper)."""
-    return [sys.executable, "-m", "agentworker.pools.worker", "--config", str(config_path), "--pool", pool,
+    return [sys.executable, "-m", WORKER_MODULE, "--config", str(config_path), "--pool", pool,
             "--slot", str(slot), "--status-file", str(status_path)]
 
 

@@ -84,9 +84,7 @@ class Supervisor:
         self.restart_counts: dict[tuple[str, str], int] = {}
         self.started_at = time.time()
         self.last_turn = time.monotonic()
-        self.turns = 0
         self.draining = False
-        self.drain_deadline: float | None = None
         self.config_version = 1  # bumped on every applied reload (the observer republishes routing)
         #: the config version whose routing the queued jobs in Redis follow (the observer moves them)
         self.rerouted_version = 1
@@ -154,7 +152,7 @@ class Supervisor:
     def turn(self) -> None:
         now = time.monotonic()
         if self._stop_requested and not self.draining:
-            self._begin_shutdown(now)
+            self._begin_shutdown()
         if self._kill_requested:
             self._kill_requested = False
             for handle in self.handles():
@@ -178,7 +176,6 @@ class Supervisor:
         self._enforce_deadlines(time.monotonic())
         self.leaving = [s for s in self.leaving if any(True for _ in s.handles())]
         self.last_turn = time.monotonic()
-        self.turns += 1
 
     # -- processes -------------------------------------------------------------------------------------
 
@@ -274,7 +271,7 @@ class Supervisor:
         bound.warning("worker died; restarting", description=record.description, restart_in_s=round(delay, 2),
                       failures_in_a_row=slot.backoff.failures)
         if slot.incoming is not None:  # its replacement was already starting: it takes over
-            slot.current, slot.incoming, slot.incoming_reason = slot.incoming, None, None
+            slot.promote_incoming()
 
     def _is_hung(self, handle: WorkerHandle, pool: PoolState) -> str | None:
         age = handle.heartbeat_age()
@@ -287,6 +284,25 @@ class Supervisor:
         return None
 
     def _reconcile_slot(self, pool: PoolState, slot: WorkerSlot, now: float) -> None:
+        """One slot's step of a turn: replace a hung worker, fill an empty slot, start a replacement when
+        one is due, and hand the slot over to a replacement once it serves."""
+        self._stop_hung(pool, slot, now)
+        if slot.current is None and slot.incoming is not None:
+            slot.promote_incoming()
+        current = slot.current
+        if current is None:
+            self._fill(pool, slot, now)
+            return
+        reason = self._replacement_reason(pool, current)
+        self._note_stable(slot, current, reason)
+        if reason is not None and self._may_start_replacement(pool, slot, reason, now):
+            self._start_replacement(pool, slot, current, reason)
+        incoming = slot.incoming
+        if incoming is not None and incoming.serving:
+            self._hand_over(pool, slot, current, incoming, now)
+
+    def _stop_hung(self, pool: PoolState, slot: WorkerSlot, now: float) -> None:
+        """SIGTERM the slot's workers whose heartbeat stopped; the slot replaces them after its backoff."""
         for handle in (slot.current, slot.incoming):
             if handle is None or handle.stop_reason is not None:
                 continue
@@ -305,38 +321,49 @@ class Supervisor:
             else:
                 slot.replace_not_before = now + delay
 
-        if slot.current is None and slot.incoming is not None:
-            slot.current, slot.incoming, slot.incoming_reason = slot.incoming, None, None
-        current = slot.current
-        if current is None:
-            if now >= slot.next_start_at and not self._holding_starts():
-                slot.current = self._start(pool, slot)
-            return
-        if current.serving and current.uptime >= STABLE_AFTER and slot.backoff.failures:
+    def _fill(self, pool: PoolState, slot: WorkerSlot, now: float) -> None:
+        """Start a process in the empty slot once its restart backoff has passed (and the first zygote is
+        ready)."""
+        if now >= slot.next_start_at and not self._holding_starts():
+            slot.current = self._start(pool, slot)
+
+    @staticmethod
+    def _note_stable(slot: WorkerSlot, current: WorkerHandle, replacement_reason: str | None) -> None:
+        """A worker that has served long enough ends its slot's run of failures (and of memory recycles,
+        unless it is over the limit again)."""
+        stable = current.serving and current.uptime >= STABLE_AFTER
+        if stable and slot.backoff.failures:
             slot.backoff.succeeded()
-
-        reason = self._replacement_reason(pool, current)
-        if reason is None and current.serving and current.uptime >= STABLE_AFTER:
+        if stable and replacement_reason is None:
             slot.memory_backoff.succeeded()
-        if (slot.incoming is None and reason is not None and now >= slot.replace_not_before
-                and (reason != "reload" or (not pool.replacing and self._rerouted(now)))
-                and not self._holding_starts()):
-            log.info("starting a replacement worker", pool=pool.name, slot=slot.index, old_pid=current.pid,
-                     reason=reason, rss=current.rss)
-            slot.incoming = self._start(pool, slot)
-            slot.incoming_reason = reason if slot.incoming is not None else None
 
-        incoming = slot.incoming
-        if incoming is not None and incoming.serving:
-            handover = slot.incoming_reason or "recycle"
-            self._count_restart(slot, handover)
-            current.terminate(handover, self.settings.shutdown_grace + DRAIN_KILL_MARGIN_S)
-            slot.retire(current)
-            slot.current, slot.incoming, slot.incoming_reason = incoming, None, None
-            if handover == "memory":
-                slot.replace_not_before = now + slot.memory_backoff.failed(0.0)
-            log.info("replacement serving; old worker drains", pool=pool.name, slot=slot.index,
-                     old_pid=current.pid, worker_pid=incoming.pid, reason=handover)
+    def _may_start_replacement(self, pool: PoolState, slot: WorkerSlot, reason: str, now: float) -> bool:
+        """One replacement at a time per slot, once its backoff allows and the first zygote is ready; a
+        reload's replacements also go one slot of the pool at a time, once queued jobs follow the new
+        routing."""
+        if slot.incoming is not None or now < slot.replace_not_before or self._holding_starts():
+            return False
+        return reason != "reload" or (not pool.replacing and self._rerouted(now))
+
+    def _start_replacement(self, pool: PoolState, slot: WorkerSlot, current: WorkerHandle, reason: str) -> None:
+        """Start the process that replaces ``current`` (which serves on until the new one does)."""
+        log.info("starting a replacement worker", pool=pool.name, slot=slot.index, old_pid=current.pid,
+                 reason=reason, rss=current.rss)
+        slot.incoming = self._start(pool, slot)
+        slot.incoming_reason = reason if slot.incoming is not None else None
+
+    def _hand_over(self, pool: PoolState, slot: WorkerSlot, current: WorkerHandle, incoming: WorkerHandle,
+                   now: float) -> None:
+        """The slot's replacement serves: it takes the slot, and the old worker drains."""
+        handover = slot.incoming_reason or "recycle"
+        self._count_restart(slot, handover)
+        current.terminate(handover, self.settings.shutdown_grace + DRAIN_KILL_MARGIN_S)
+        slot.retire(current)
+        slot.promote_incoming()
+        if handover == "memory":
+            slot.replace_not_before = now + slot.memory_backoff.failed(0.0)
+        log.info("replacement serving; old worker drains", pool=pool.name, slot=slot.index,
+                 old_pid=current.pid, worker_pid=incoming.pid, reason=handover)
 
     def _rerouted(self, now: float) -> bool:
         """A reload's replacements start once queued jobs follow the new routing: a fresh worker knows
@@ -363,10 +390,9 @@ class Supervisor:
                             worker_pid=handle.pid, reason=handle.stop_reason)
                 handle.kill()
 
-    def _begin_shutdown(self, now: float) -> None:
+    def _begin_shutdown(self) -> None:
         self.draining = True
         grace = self.settings.shutdown_grace + DRAIN_KILL_MARGIN_S
-        self.drain_deadline = now + grace
         log.info("stopping: draining every worker", workers=len(self.by_pid),
                  shutdown_grace_s=self.settings.shutdown_grace)
         for handle in self.handles():

@@ -26,6 +26,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from redis.asyncio import Redis
 
 from agentworker.config import ConfigError
+from agentworker.errors import AgentWorkerError
 from agentworker.health.app import create_app
 from agentworker.health.checks import FAIL, PASS, WARN, Check, check_postgres, check_redis
 from agentworker.health.server import HttpServer
@@ -47,7 +48,7 @@ RELOAD_ANSWER_TIMEOUT_S = 30.0
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
-class StartupError(Exception):
+class StartupError(AgentWorkerError):
     """The supervisor cannot start (port in use, unusable or locked directory): one line, exit 1."""
 
 

@@ -63,6 +63,10 @@ class WorkerSlot:
         if handle not in self.retiring:
             self.retiring.append(handle)
 
+    def promote_incoming(self) -> None:
+        """The handover: the replacement becomes the slot's current process (the old one is gone or retiring)."""
+        self.current, self.incoming, self.incoming_reason = self.incoming, None, None
+
 
 @dataclass(kw_only=True)
 class PoolState:

@@ -1,7 +1,7 @@
 """Fast worker starts: the supervisor's side of the zygote (Linux; ``AGENTWORKER_ZYGOTE=on``, the default).
 
 A worker started afresh spends seconds importing its stack before it serves. The supervisor therefore
-keeps one **zygote** (:mod:`agentworker.supervisor.zygote_process`): a process started like a worker
+keeps one **zygote** (:mod:`agentworker.pools.zygote_process`): a process started like a worker
 (``posix_spawn`` through the ``PR_SET_PDEATHSIG`` wrapper, so it dies with the supervisor) that imports
 everything once and then forks workers on request, in milliseconds, sharing its memory with them.
 
@@ -18,6 +18,11 @@ share its memory too.
 Protocol (pipes, one JSON object per line): the zygote says ``{"ready": true, ...}`` (or ``{"unsafe":
 reason}``: then the zygote is off for this run); each request ``{"args", "title", "supervisor_pid"}``
 gets ``{"pid": N}`` or ``{"error": text}``.
+
+The zygote's code is worker-side (``pools/``: it imports the job side), so the supervisor never imports
+it: it starts it by module name (:data:`ZYGOTE_MODULE`) and keeps its own copy of the two values both
+ends must agree on, :data:`process.WORKER_MODULE` and :data:`ZYGOTE_EXIT_UNSAFE`
+(``tests/test_architecture.py`` checks that they do).
 """
 
 from __future__ import annotations
@@ -37,11 +42,16 @@ from agentworker.logs import get_logger
 from agentworker.settings import Settings
 from agentworker.supervisor import process
 from agentworker.supervisor.backoff import RestartBackoff
-from agentworker.supervisor.zygote_process import EXIT_UNSAFE, TITLE_ROOM, WORKER_MODULE
+from agentworker.supervisor.process import WORKER_MODULE
 
 log = get_logger("agentworker.supervisor")
 
-ZYGOTE_MODULE = "agentworker.supervisor.zygote_process"
+ZYGOTE_MODULE = "agentworker.pools.zygote_process"
+#: the zygote's exit code when preloading left it unsafe to fork (its ``EXIT_UNSAFE``): no zygote this run
+ZYGOTE_EXIT_UNSAFE = 78
+#: length of the ``--title-room`` argument passed to the zygote: room to rewrite the command line shown
+#: by ps for each worker (it must fit in the zygote's own argv memory)
+TITLE_ROOM = 2048
 #: seconds the zygote has to fork a worker and answer before it is killed and replaced
 REPLY_TIMEOUT_S = 5.0
 #: the first workers wait at most this long for the first zygote to be ready
@@ -79,8 +89,6 @@ class Zygote:
         self.generation = 0
         self.started_mono = 0.0
         self.restart_at = 0.0
-        self.spawned = 0  # workers forked by the zygote
-        self.fallbacks = 0  # workers started without it while it was not ready
         self._first_started = time.monotonic()
         self._request_fd: int | None = None
         self._reply_fd: int | None = None
@@ -178,7 +186,7 @@ class Zygote:
         uptime = time.monotonic() - self.started_mono
         self.pid = None
         self._close_pipes()
-        if code == EXIT_UNSAFE or self.state == "off":
+        if code == ZYGOTE_EXIT_UNSAFE or self.state == "off":
             self.state = "off"
             return
         self._schedule_restart(uptime, f"zygote exited (code {code})")
@@ -219,10 +227,7 @@ class Zygote:
                           zygote_pid=self.pid, error=str(exc))
                 self._kill()
             else:
-                self.spawned += 1
                 return pid, "zygote"
-        if self.state != "off":
-            self.fallbacks += 1
         return process.spawn(argv, env), "spawn"
 
     def _request(self, args: list[str], title: str) -> int:

@@ -37,19 +37,20 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from agentworker.db import DatabaseUnavailable
+from agentworker.errors import AgentWorkerError
 from agentworker.settings import InputLimits
 from agentworker.tasks.context import JobContext
 from agentworker.tasks.registry import task
-from agentworker.tasks.workflow_tasks import checkpoints_of, database_of, execute_workflow, fail_job_run
+from agentworker.tasks.workflow_tasks import execute_workflow, fail_job_run
 
 if TYPE_CHECKING:
-    from agentworker.graphs.agent_runtime import AgentEnvironment, AgentOutcome
+    from agentworker.graphs.agent_runtime import AgentOutcome
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 _DECISION_KEYS = frozenset({"decision", "comment", "args"})
 
 
-class InvalidAgentInput(ValueError):
+class InvalidAgentInput(AgentWorkerError, ValueError):
     """A malformed id, message or decision."""
 
 
@@ -72,14 +73,6 @@ def _check_text(name: str, value: object, limits: InputLimits) -> str:
 def job_digest(job_id: str) -> str:
     """A stable id derived from the job id: the same on every try of the job."""
     return hashlib.sha256(job_id.encode()).hexdigest()[:24]
-
-
-async def _environment(ctx: JobContext) -> AgentEnvironment:
-    from agentworker.graphs.agent_runtime import AgentEnvironment
-
-    database = await database_of(ctx)
-    return AgentEnvironment(tenant_id=ctx.tenant_id, database=database, emit=ctx.emit_best_effort, log=ctx.log,
-                            checkpoints=await checkpoints_of(ctx), outbox=await ctx.runtime.event_outbox())
 
 
 #: set on an exception once its task has published agent_run_failed for it, so the final-failure hook
@@ -140,7 +133,8 @@ async def run_chat_agent(ctx: JobContext, tenant_id: str, conversation_id: str, 
 
     identity = {"agent": "chat", "conversation_id": conversation_id}
     try:
-        outcome = await run_chat_turn(await _environment(ctx), conversation_id=conversation_id, message=message,
+        scope = await ctx.scope(checkpoints=True)
+        outcome = await run_chat_turn(scope, conversation_id=conversation_id, message=message,
                                       turn_id=job_digest(ctx.job_id))
     except Exception as exc:
         await _failed(ctx, identity, exc)
@@ -184,7 +178,7 @@ async def handle_message(ctx: JobContext, tenant_id: str, conversation_id: str, 
     from agentworker.graphs.models import OFFLINE
     from agentworker.graphs.router import RouteDecision, build_entry_graph, decide_route
 
-    env = await _environment(ctx)
+    env = await ctx.scope(checkpoints=True)
     emit = ctx.emit_best_effort
     async with env.database.tenant(tenant_id) as tx:
         workflows = await list_workflow_ids(tx)
@@ -226,7 +220,8 @@ async def _tool_run(ctx: JobContext, run_id: str, **kwargs: Any) -> dict[str, An
 
     identity = {"agent": "tool", "run_id": run_id}
     try:
-        outcome: AgentOutcome = await tool_agent.run_tool_agent(await _environment(ctx), run_id=run_id, **kwargs)
+        scope = await ctx.scope(checkpoints=True)
+        outcome: AgentOutcome = await tool_agent.run_tool_agent(scope, run_id=run_id, **kwargs)
     except Exception as exc:
         await _failed(ctx, identity, exc)
         raise

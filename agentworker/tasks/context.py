@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -15,7 +15,12 @@ from agentworker.config import QuotaConfig
 from agentworker.db import Database, open_database
 from agentworker.event_outbox import EventOutbox
 from agentworker.events import EventPublisher
+from agentworker.logs import Logger
 from agentworker.settings import Settings
+from agentworker.tools.scope import TenantScope
+
+if TYPE_CHECKING:
+    from agentworker.graphs.checkpoints import CheckpointStore
 
 R = TypeVar("R")
 
@@ -38,7 +43,7 @@ class ProcessResources:
                     self._made[name] = await factory()
         return cast(R, self._made[name])
 
-    async def aclose(self, log: Any = None) -> None:
+    async def aclose(self, log: Logger | None = None) -> None:
         """Close everything made, newest first; never raises (it runs during shutdown)."""
         while self._made:
             name, resource = self._made.popitem()
@@ -78,6 +83,15 @@ class JobRuntime:
 
         return await self.resources.get("event-outbox", make)
 
+    async def checkpoints(self) -> CheckpointStore:
+        """The process's LangGraph checkpoint store (its own psycopg pool: one connection per job slot and
+        two more), made on first use. LangGraph is imported here, on the first job that needs it."""
+        from agentworker.graphs.checkpoints import open_checkpoint_store
+
+        url = self.settings.database_url
+        size = self.config.pools[self.pool].concurrency + 2
+        return await self.resources.get("checkpoints", lambda: open_checkpoint_store(url, max_size=size))
+
 
 @dataclass
 class JobContext:
@@ -92,7 +106,7 @@ class JobContext:
     enqueue_time_ms: int
     timeout: float
     runtime: JobRuntime
-    log: Any
+    log: Logger
     started_monotonic: float = field(default_factory=time.monotonic)
 
     @property
@@ -107,6 +121,13 @@ class JobContext:
     def remaining(self) -> float:
         """Seconds left before the job's timeout."""
         return max(0.0, self.timeout - (time.monotonic() - self.started_monotonic))
+
+    async def scope(self, *, checkpoints: bool = False) -> TenantScope:
+        """The tenant's services for this job: its database, its events (best effort, and the outbox for
+        promised ones), the job's logger and, with ``checkpoints``, the agents' checkpoint store."""
+        return TenantScope(tenant_id=self.tenant_id, database=await self.runtime.database(),
+                           emit=self.emit_best_effort, log=self.log, outbox=await self.runtime.event_outbox(),
+                           checkpoints=await self.runtime.checkpoints() if checkpoints else None)
 
     async def emit(self, event: str, data: dict[str, Any]) -> None:
         """Publish an event on this job's tenant channel and stream."""

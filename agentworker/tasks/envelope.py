@@ -24,6 +24,7 @@ unreadable         its queue entry could not be read; it is in the pool's dead l
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import time
 import weakref
@@ -37,6 +38,7 @@ from redis.exceptions import RedisError
 
 from agentworker import metrics
 from agentworker.config import QuotaConfig
+from agentworker.errors import AgentWorkerError
 from agentworker.jobs import JobId, error_record
 from agentworker.logs import get_logger
 from agentworker.routing import InvalidTenantId, route_tenant, validate_tenant_id
@@ -50,23 +52,23 @@ ArqJobFunction = Callable[..., Awaitable[Any]]
 _PREVIEW_CHARS = 2000
 
 
-class JobRejected(Exception):
+class JobRejected(AgentWorkerError):
     """The job was refused before its task ran (misrouted, malformed, unknown task)."""
 
 
-class JobTimedOut(Exception):
+class JobTimedOut(AgentWorkerError):
     """The job ran past its timeout and was cancelled."""
 
 
-class JobPoisoned(Exception):
+class JobPoisoned(AgentWorkerError):
     """The job's worker died every time it ran it, more than the pool's ``max_crash_retries``."""
 
 
-class JobTriesExhausted(Exception):
+class JobTriesExhausted(AgentWorkerError):
     """The job asked to be retried after its last try (``max_tries``)."""
 
 
-class JobUnreadable(Exception):
+class JobUnreadable(AgentWorkerError):
     """The queue entry could not be read as a job; it was moved to the pool's dead letters."""
 
 
@@ -268,6 +270,35 @@ def make_job_function(task: Task) -> ArqJobFunction:
 
 
 async def run_in_envelope(task: Task, arq_ctx: dict[str, Any], payload: dict[str, Any]) -> Any:
+    """Run one job of ``task``: refuse it if it may not run here, else run it under its timeout, tell how
+    it ended (a log line, an event, the task's final-failure hook) and count it."""
+    ctx = await _admit(task, arq_ctx, payload)
+    run = _Run(task, ctx, payload)
+    queue_wait_s = max(0.0, time.time() - arq_ctx["score"] / 1000)
+    meters = _Meters(ctx, queue_wait_s)
+    outcome = "failure"  # should anything below fail before the outcome is known
+    with structlog.contextvars.bound_contextvars(tenant_id=ctx.tenant_id, job_id=ctx.job_id, task=task.name):
+        run.announce(queue_wait_s)
+        try:
+            result = await run.call()
+        except BaseException as error:
+            ending = run.ending_of(error)
+            outcome = ending.outcome
+            if ending is _Ending.RETRY_ON_ERROR:
+                raise await run.retry_later(error) from error
+            await run.tell(ending, error)
+            raise
+        else:
+            outcome = "success"
+            await run.tell_completed(result, duration_s=time.monotonic() - meters.started)
+            return result
+        finally:
+            meters.stop(outcome)
+
+
+async def _admit(task: Task, arq_ctx: dict[str, Any], payload: dict[str, Any]) -> JobContext:
+    """The job's context, once the job is known to belong here and its payload to fit the task; else
+    :func:`reject` it (which raises :class:`JobRejected`)."""
     runtime: JobRuntime = arq_ctx["runtime"]
     job_id: str = arq_ctx["job_id"]
     queue: str = arq_ctx["queue"]
@@ -276,92 +307,143 @@ async def run_in_envelope(task: Task, arq_ctx: dict[str, Any], payload: dict[str
     if reason is not None:
         await reject(runtime, arq_ctx, reason, task.name, tenant_id, hook=(task, payload))
     assert isinstance(tenant_id, str)
-
-    config = runtime.config
-    timeout = config.job_timeout_for(tenant_id)
+    timeout = runtime.config.job_timeout_for(tenant_id)
     if task.timeout is not None:
         timeout = min(timeout, task.timeout)
-    job_try: int = arq_ctx.get("job_try") or 1
-    enqueue_ms = int(arq_ctx["enqueue_time"].timestamp() * 1000)
-    tenant_label = metrics.tenant_label(config, tenant_id)
-    ctx = _context(runtime, tenant_id=tenant_id, job_id=job_id, task=task.name, job_try=job_try, queue=queue,
-                   shard=arq_ctx["shard"], enqueue_time_ms=enqueue_ms, timeout=timeout)
-    bound = ctx.log
+    ctx = _context(runtime, tenant_id=tenant_id, job_id=job_id, task=task.name,
+                   job_try=arq_ctx.get("job_try") or 1, queue=queue, shard=arq_ctx["shard"],
+                   enqueue_time_ms=int(arq_ctx["enqueue_time"].timestamp() * 1000), timeout=timeout)
     try:
         task.check_payload(ctx, payload)
     except PayloadError as exc:
         await reject(runtime, arq_ctx, str(exc), task.name, tenant_id, hook=(task, payload))
+    return ctx
 
-    base = {"job_id": job_id, "task": task.name, "try": job_try}
-    wait_s = max(0.0, time.time() - arq_ctx["score"] / 1000)
-    metrics.JOB_QUEUE_WAIT.labels(runtime.pool).observe(wait_s)
-    in_progress = metrics.JOBS_IN_PROGRESS.labels(runtime.pool)
-    tenant_in_progress = metrics.TENANT_JOBS_IN_PROGRESS.labels(runtime.pool, tenant_label)
-    in_progress.inc()
-    tenant_in_progress.inc()
-    outcome = "failure"
-    started = time.monotonic()
-    with structlog.contextvars.bound_contextvars(tenant_id=tenant_id, job_id=job_id, task=task.name):
-        bound.info("job started", try_number=job_try, queue_wait_s=round(wait_s, 4), timeout_s=timeout)
+
+class _Ending(enum.Enum):
+    """How a run that raised ended (:meth:`_Run.ending_of`): the outcome it is counted as, and what it is."""
+
+    TIMED_OUT = "timeout", "it ran past its deadline (told as it happened)"
+    RETRY_ASKED = "retry", "the task raised ARQ's Retry"
+    RETRY_ON_ERROR = "retry", "the task raised one of its retry_on, with tries left: ARQ gets a Retry"
+    CANCELLED = "cancelled", "the worker cancelled it (stopping): ARQ runs the job again"
+    FAILED = "failure", "the task raised any other error: the job failed for good"
+    UNTOLD = "failure", "not an error (KeyboardInterrupt...), or a JobTimedOut of the task's own: only counted"
+
+    @property
+    def outcome(self) -> str:
+        """The ``outcome`` label of the job counters."""
+        return self.value[0]
+
+
+class _Run:
+    """One run of an admitted job: the task called under its deadline, and what is told of how it ended."""
+
+    def __init__(self, task: Task, ctx: JobContext, payload: dict[str, Any]) -> None:
+        self.task = task
+        self.ctx = ctx
+        self.payload = payload
+        #: what every lifecycle event of the run carries
+        self.base: dict[str, Any] = {"job_id": ctx.job_id, "task": task.name, "try": ctx.job_try}
+        self.timed_out = False
+
+    def announce(self, queue_wait_s: float) -> None:
+        self.ctx.log.info("job started", try_number=self.ctx.job_try, queue_wait_s=round(queue_wait_s, 4),
+                          timeout_s=self.ctx.timeout)
         # Not awaited: the task starts without waiting for the round trip; later events stay after it.
-        _publish_nowait(runtime, tenant_id, "job_started", base)
+        _publish_nowait(self.ctx.runtime, self.ctx.tenant_id, "job_started", self.base)
+
+    async def call(self) -> Any:
+        """The task's result, checked to be JSON. At the deadline the job fails as timed out: that is told
+        here, as it happens, and :class:`JobTimedOut` raised; whatever interrupts the telling (the worker
+        cancelling the job meanwhile) ends the run instead, like anything else the task raises."""
+        deadline = asyncio.timeout(self.ctx.timeout)
         try:
-            deadline = asyncio.timeout(timeout)
-            try:
-                async with deadline:
-                    result = await task.func(ctx, **payload)
-            except TimeoutError:
-                # A TimeoutError the task raised itself (not our deadline) is a failure like any other.
-                if not deadline.expired():
-                    raise
-                outcome = "timeout"
-                message = f"{task.name} timed out after {timeout:g}s"
-                bound.warning("job timed out", timeout_s=timeout)
-                await _publish(runtime, tenant_id, "job_timed_out", {**base, "timeout": timeout})
-                timed_out = JobTimedOut(message)
-                await _publish(runtime, tenant_id, "job_failed",
-                               {**base, "reason": "timeout", **error_record(timed_out)})
-                await _run_final_failure_hook(task, ctx, payload, "timeout", timed_out)
-                raise timed_out from None
-            try:
-                json.dumps(result)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"task {task.name!r} returned a value that is not JSON: {exc}") from None
-        except JobTimedOut:
-            raise
-        except Retry as exc:
-            outcome = "retry"
-            defer = (exc.defer_score or 0) / 1000
-            bound.info("job will be retried", defer_s=defer)
-            await _publish(runtime, tenant_id, "job_retrying", {**base, "defer": defer})
-            raise
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            bound.info("job cancelled; it will run again")
-            raise
-        except Exception as exc:
-            max_tries = runtime.config.pools[runtime.pool].max_tries
-            if isinstance(exc, task.retry_on) and job_try < max_tries:
-                outcome = "retry"
-                defer = min(300.0, 2.0 ** job_try)
-                bound.warning("job failed, will be retried", error=repr(exc), defer_s=defer)
-                await _publish(runtime, tenant_id, "job_retrying",
-                               {**base, "defer": defer, **error_record(exc)})
-                raise Retry(defer=defer) from exc
-            outcome = "failure"
-            bound.exception("job failed")
-            await _publish(runtime, tenant_id, "job_failed", {**base, "reason": "error", **error_record(exc)})
-            await _run_final_failure_hook(task, ctx, payload, "error", exc)
-            raise
-        else:
-            outcome = "success"
-            duration = time.monotonic() - started
-            bound.info("job completed", duration_s=round(duration, 4))
-            await _publish(runtime, tenant_id, "job_completed", {**base, "result": _result_preview(result)})
-            return result
-        finally:
-            in_progress.dec()
-            tenant_in_progress.dec()
-            metrics.JOBS_TOTAL.labels(runtime.pool, task.name, outcome).inc()
-            metrics.TENANT_JOBS_TOTAL.labels(runtime.pool, tenant_label, outcome).inc()
-            metrics.JOB_DURATION.labels(runtime.pool, task.name).observe(time.monotonic() - started)
+            async with deadline:
+                result = await self.task.func(self.ctx, **self.payload)
+        except TimeoutError:
+            # A TimeoutError the task raised itself (not our deadline) is a failure like any other.
+            if not deadline.expired():
+                raise
+            self.timed_out = True
+            raise await self._tell_timed_out() from None
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"task {self.task.name!r} returned a value that is not JSON: {exc}") from None
+        return result
+
+    def ending_of(self, error: BaseException) -> _Ending:
+        """How the run ended, by what :meth:`call` raised."""
+        if isinstance(error, JobTimedOut) or not isinstance(error, Exception | asyncio.CancelledError):
+            return _Ending.TIMED_OUT if self.timed_out else _Ending.UNTOLD
+        if isinstance(error, Retry):
+            return _Ending.RETRY_ASKED
+        if isinstance(error, asyncio.CancelledError):
+            return _Ending.CANCELLED
+        runtime = self.ctx.runtime
+        max_tries = runtime.config.pools[runtime.pool].max_tries
+        if isinstance(error, self.task.retry_on) and self.ctx.job_try < max_tries:
+            return _Ending.RETRY_ON_ERROR
+        return _Ending.FAILED
+
+    async def tell(self, ending: _Ending, error: BaseException) -> None:
+        """Log and publish how the run ended (but RETRY_ON_ERROR: :meth:`retry_later`); a job that failed
+        for good also gets its task's final-failure hook."""
+        if ending is _Ending.RETRY_ASKED:
+            assert isinstance(error, Retry)
+            defer = (error.defer_score or 0) / 1000
+            self.ctx.log.info("job will be retried", defer_s=defer)
+            await self._publish("job_retrying", {"defer": defer})
+        elif ending is _Ending.CANCELLED:
+            self.ctx.log.info("job cancelled; it will run again")
+        elif ending is _Ending.FAILED:
+            self.ctx.log.exception("job failed", exc_info=error)
+            await self._publish("job_failed", {"reason": "error", **error_record(error)})
+            await _run_final_failure_hook(self.task, self.ctx, self.payload, "error", error)
+
+    async def retry_later(self, error: BaseException) -> Retry:
+        """Tell that the run failed with an error its task retries; return the Retry that asks ARQ for it."""
+        defer = min(300.0, 2.0 ** self.ctx.job_try)
+        self.ctx.log.warning("job failed, will be retried", error=repr(error), defer_s=defer)
+        await self._publish("job_retrying", {"defer": defer, **error_record(error)})
+        return Retry(defer=defer)
+
+    async def tell_completed(self, result: Any, *, duration_s: float) -> None:
+        self.ctx.log.info("job completed", duration_s=round(duration_s, 4))
+        await self._publish("job_completed", {"result": _result_preview(result)})
+
+    async def _tell_timed_out(self) -> JobTimedOut:
+        timeout = self.ctx.timeout
+        self.ctx.log.warning("job timed out", timeout_s=timeout)
+        await self._publish("job_timed_out", {"timeout": timeout})
+        timed_out = JobTimedOut(f"{self.task.name} timed out after {timeout:g}s")
+        await self._publish("job_failed", {"reason": "timeout", **error_record(timed_out)})
+        await _run_final_failure_hook(self.task, self.ctx, self.payload, "timeout", timed_out)
+        return timed_out
+
+    async def _publish(self, event: str, data: dict[str, Any]) -> None:
+        await _publish(self.ctx.runtime, self.ctx.tenant_id, event, {**self.base, **data})
+
+
+class _Meters:
+    """A run's metrics: its queue wait and the in-progress gauges as it starts, its count and duration
+    as it ends."""
+
+    def __init__(self, ctx: JobContext, queue_wait_s: float) -> None:
+        self.pool = ctx.runtime.pool
+        self.task = ctx.task
+        self.tenant = metrics.tenant_label(ctx.runtime.config, ctx.tenant_id)
+        metrics.JOB_QUEUE_WAIT.labels(self.pool).observe(queue_wait_s)
+        self.in_progress = metrics.JOBS_IN_PROGRESS.labels(self.pool)
+        self.tenant_in_progress = metrics.TENANT_JOBS_IN_PROGRESS.labels(self.pool, self.tenant)
+        self.in_progress.inc()
+        self.tenant_in_progress.inc()
+        self.started = time.monotonic()
+
+    def stop(self, outcome: str) -> None:
+        self.in_progress.dec()
+        self.tenant_in_progress.dec()
+        metrics.JOBS_TOTAL.labels(self.pool, self.task, outcome).inc()
+        metrics.TENANT_JOBS_TOTAL.labels(self.pool, self.tenant, outcome).inc()
+        metrics.JOB_DURATION.labels(self.pool, self.task).observe(time.monotonic() - self.started)

@@ -15,23 +15,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentworker.client import AgentWorkerClient, QuotaExceeded
-from agentworker.db import Database, DatabaseUnavailable
+from agentworker.db import DatabaseUnavailable
 from agentworker.schedules import polling, reports, webhooks
+from agentworker.submit import JobSubmitter, QuotaExceeded
 from agentworker.tasks.context import JobContext
 from agentworker.tasks.registry import task
 
 
-def _client(ctx: JobContext, database: Database) -> AgentWorkerClient:
-    # Borrows the worker's Redis client (never closed here) and its current quota file.
-    return AgentWorkerClient(ctx.runtime.redis, ctx.runtime.config, ctx.runtime.settings, database=database)
+def _submitter(ctx: JobContext) -> JobSubmitter:
+    # Borrows the worker's Redis client (the worker closes it) and takes its current quota file.
+    runtime = ctx.runtime
+    return JobSubmitter(runtime.redis, runtime.config, max_payload_bytes=runtime.settings.max_payload_bytes)
 
 
 @task(retry_on=(DatabaseUnavailable, QuotaExceeded))
 async def poll_source(ctx: JobContext, tenant_id: str, schedule_id: str, due_at: str | None = None) -> dict[str, Any]:
     """Poll the source of schedule ``schedule_id`` (``due_at``: the due time that dispatched this poll)."""
     database = await ctx.runtime.database()
-    result = await polling.poll_once(database, _client(ctx, database), tenant_id, schedule_id,
+    result = await polling.poll_once(database, _submitter(ctx), tenant_id, schedule_id,
                                      ctx.log.bind(schedule_id=schedule_id, due_at=due_at))
     return result.to_dict()
 
@@ -44,7 +45,7 @@ async def handle_webhook(ctx: JobContext, tenant_id: str, source: str, headers: 
         raise ValueError("headers must be a JSON object and body a string")
     raw = webhooks.decode_body(body, body_encoding)
     database = await ctx.runtime.database()
-    return await webhooks.receive(database, _client(ctx, database), tenant_id, source, headers, raw,
+    return await webhooks.receive(database, _submitter(ctx), tenant_id, source, headers, raw,
                                   ctx.log.bind(webhook_source=source))
 
 
@@ -54,6 +55,5 @@ async def send_run_report(ctx: JobContext, tenant_id: str, to: list[str], period
     """Email the tenant's run report for the ``period_hours`` before ``period_end`` (default: now), once."""
     if not isinstance(to, list) or not all(isinstance(address, str) for address in to):
         raise ValueError("to must be a list of email addresses")
-    database = await ctx.runtime.database()
-    return await reports.send_report(database, tenant_id, to, period_hours=period_hours, period_end=period_end,
-                                     subject=subject, log=ctx.log, emit=ctx.emit_best_effort)
+    return await reports.send_report(await ctx.scope(), to, period_hours=period_hours, period_end=period_end,
+                                     subject=subject)

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from agentworker.db import Database, DatabaseError, DatabaseUnavailable, approvals, definitions, runs
 from agentworker.db.database import TenantTransaction
-from agentworker.db.ledger import Ledger
 from agentworker.db.runs import InvalidRunId, RunRecord, RunStatus, StepStatus
+from agentworker.errors import AgentWorkerError
 from agentworker.events import stable_event_id
 from agentworker.tasks.context import JobContext
 from agentworker.tasks.registry import task
@@ -34,7 +34,6 @@ from agentworker.workflows.definition import WORKFLOW_ID_PATTERN, parse_workflow
 
 if TYPE_CHECKING:
     from agentworker.event_outbox import EventOutbox
-    from agentworker.graphs.checkpoints import CheckpointStore
     from agentworker.graphs.workflow_agent import RunOutcome
 
 #: seconds kept back from the job's deadline to record a run that ran out of time
@@ -42,43 +41,31 @@ _RECORD_MARGIN_S = 1.0
 _DECISION_KEYS = frozenset({"decision", "comment", "by"})
 
 
-class WorkflowNotFound(LookupError):
+class WorkflowNotFound(AgentWorkerError, LookupError):
     """The tenant has no workflow of that id."""
 
 
-class RunNotFound(LookupError):
+class RunNotFound(AgentWorkerError, LookupError):
     """The tenant has no run of that id (another tenant's run is not found either)."""
 
 
-class RunNotWaiting(RuntimeError):
+class RunNotWaiting(AgentWorkerError, RuntimeError):
     """``resume_run`` for a run that is not waiting for an approval."""
 
 
-class InvalidDecision(ValueError):
+class InvalidDecision(AgentWorkerError, ValueError):
     """A ``resume_run`` decision that is not approve or reject."""
 
 
-class WorkflowRunFailed(RuntimeError):
+class WorkflowRunFailed(AgentWorkerError, RuntimeError):
     """The run failed (a step used up its attempts, or the run ran out of time); recorded in the run."""
 
 
 # -- process-wide resources -----------------------------------------------------------------------------
 
 
-def _pool_size(ctx: JobContext) -> int:
-    return ctx.runtime.config.pools[ctx.pool].concurrency + 2
-
-
 async def database_of(ctx: JobContext) -> Database:
     return await ctx.runtime.database()
-
-
-async def checkpoints_of(ctx: JobContext) -> CheckpointStore:
-    from agentworker.graphs.checkpoints import open_checkpoint_store
-
-    url = ctx.runtime.settings.database_url
-    return await ctx.runtime.resources.get("checkpoints",
-                                           lambda: open_checkpoint_store(url, max_size=_pool_size(ctx)))
 
 
 # -- when a job fails for good --------------------------------------------------------------------------
@@ -259,18 +246,13 @@ async def _approval_to_resume(tx: Any, run: RunRecord, step_id: str | None) -> s
 
 async def _advance(ctx: JobContext, database: Database, run: RunRecord, definition_json: dict[str, Any],
                    resume: tuple[str, dict[str, Any]] | None) -> RunOutcome:
-    from agentworker.graphs.step_kinds import StepEnvironment
-    from agentworker.graphs.step_nodes import RunContext
+    from agentworker.graphs.run_context import RunContext
     from agentworker.graphs.workflow_agent import RunOutcome, advance_run
 
     definition = parse_workflow(definition_json)
-    log = ctx.log.bind(run_id=run.run_id, workflow_id=run.workflow_id)
-    outbox = await ctx.runtime.event_outbox()
-    env = StepEnvironment(tenant_id=run.tenant_id, run_id=run.run_id, ledger=Ledger(database),
-                          emit=ctx.emit_best_effort, log=log, outbox=outbox)
-    context = RunContext(tenant_id=run.tenant_id, workflow_id=run.workflow_id, run_id=run.run_id,
-                         job_id=ctx.job_id, database=database, env=env, outbox=outbox, log=log)
-    checkpoints = await checkpoints_of(ctx)
+    scope = (await ctx.scope()).bind(run_id=run.run_id, workflow_id=run.workflow_id)
+    context = RunContext(scope=scope, workflow_id=run.workflow_id, run_id=run.run_id, job_id=ctx.job_id)
+    checkpoints = await ctx.runtime.checkpoints()
     budget = max(0.5, ctx.remaining - _RECORD_MARGIN_S)
     deadline = asyncio.timeout(budget)
     try:

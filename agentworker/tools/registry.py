@@ -36,7 +36,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from agentworker.errors import AgentWorkerError
 from agentworker.integrations import describe_errors
+from agentworker.logs import Logger
 
 if TYPE_CHECKING:
     from agentworker.db.database import Database
@@ -57,7 +59,7 @@ class ToolContext:
     run_id: str
     step_id: str
     idempotency_key: str
-    log: Any
+    log: Logger
     #: publish an event on the tenant's channel
     emit: EmitFunction
     #: the database of the tenant's rows (settings, calendar, outbox); None where no job provides one
@@ -87,11 +89,11 @@ ToolFunction = Callable[[ToolContext, dict[str, Any]], Awaitable[Any]]
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-class UnknownTool(LookupError):
+class UnknownTool(AgentWorkerError, LookupError):
     """No tool of that name is available to the tenant."""
 
 
-class ToolError(Exception):
+class ToolError(AgentWorkerError):
     """A tool call failed; the message is one sentence safe to show (it never holds a credential)."""
 
 

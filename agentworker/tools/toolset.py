@@ -22,29 +22,14 @@ from typing import TYPE_CHECKING, Any
 from agentworker import egress
 from agentworker.db import integrations as integration_rows
 from agentworker.db.database import Database
-from agentworker.db.ledger import Ledger, effect_key
 from agentworker.integrations import McpServerSettings
 from agentworker.tools.mcp_server import SERVER_NAME, ToolCaller, build_mcp_server
-from agentworker.tools.registry import TOOLS, EmitFunction, Tool, ToolContext, UnknownTool
+from agentworker.tools.registry import TOOLS, Tool, UnknownTool
+from agentworker.tools.scope import TenantScope
 
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
 
-    from agentworker.event_outbox import EventOutbox
-
-
-@dataclass(frozen=True, slots=True)
-class ToolScope:
-    """Who calls: the tenant, and the run and step its side effects are recorded under."""
-
-    tenant_id: str
-    run_id: str
-    step_id: str
-    database: Database
-    emit: EmitFunction
-    log: Any
-    #: where tools' promised events are recorded (ToolContext.emit_once); None: published best effort
-    outbox: EventOutbox | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,25 +50,20 @@ def arguments_digest(args: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 
-def ledger_caller(scope: ToolScope) -> ToolCaller:
-    """Run a tool for ``scope``: side-effecting ones once, through the ledger."""
-    ledger = Ledger(scope.database)
-
-    def context(key: str) -> ToolContext:
-        return ToolContext(tenant_id=scope.tenant_id, run_id=scope.run_id, step_id=scope.step_id,
-                           idempotency_key=key, log=scope.log, emit=scope.emit, database=scope.database,
-                           outbox=scope.outbox)
+def ledger_caller(scope: TenantScope, run_id: str, step_id: str) -> ToolCaller:
+    """Run a tool for ``scope`` under ``run_id`` and ``step_id``: side-effecting ones once, through the
+    ledger."""
+    ledger = scope.ledger
 
     async def call(found: Tool, args: dict[str, Any]) -> Any:
         call_key = f"{found.name}:{arguments_digest(args)}"
         if not found.side_effects:
-            return await found.func(context(effect_key(scope.tenant_id, scope.run_id, scope.step_id, call_key)),
-                                    args)
+            return await found.func(scope.tool_context(run_id, step_id, call_key=call_key), args)
 
         async def effect(key: str) -> Any:
-            return await found.func(context(key), args)
+            return await found.func(scope.tool_context(run_id, step_id, idempotency_key=key), args)
 
-        return await ledger.run_once(scope.tenant_id, scope.run_id, scope.step_id, call_key, effect)
+        return await ledger.run_once(scope.tenant_id, run_id, step_id, call_key, effect)
 
     return call
 
@@ -95,9 +75,10 @@ async def external_servers(database: Database, tenant_id: str) -> list[tuple[str
 
 
 @asynccontextmanager
-async def open_toolset(scope: ToolScope, *, names: Sequence[str] | None = None, read_only: bool = False,
-                       external: bool = True) -> AsyncIterator[AgentToolset]:
-    """Open the MCP sessions of one job and yield the tools loaded from them.
+async def open_toolset(scope: TenantScope, *, run_id: str, step_id: str, names: Sequence[str] | None = None,
+                       read_only: bool = False, external: bool = True) -> AsyncIterator[AgentToolset]:
+    """Open the MCP sessions of one job and yield the tools loaded from them; our side-effecting tools
+    are recorded in the ledger under ``run_id`` and ``step_id``.
 
     ``names``: only these tools (ours by name, an external server's as ``SERVER_TOOL``); an unknown name
     raises :class:`UnknownTool`. ``read_only``: only our tools without side effects, no external server.
@@ -110,7 +91,8 @@ async def open_toolset(scope: ToolScope, *, names: Sequence[str] | None = None, 
     error: Exception | None = None
     async with AsyncExitStack() as stack:
         try:
-            toolset = await _load(stack, scope, ours, wanted, external=external and not read_only)
+            toolset = await _load(stack, scope, ledger_caller(scope, run_id, step_id), ours, wanted,
+                                  external=external and not read_only)
         except Exception as exc:
             error = exc
         else:
@@ -122,13 +104,13 @@ async def open_toolset(scope: ToolScope, *, names: Sequence[str] | None = None, 
         raise error
 
 
-async def _load(stack: AsyncExitStack, scope: ToolScope, ours: list[Tool], wanted: set[str] | None, *,
-                external: bool) -> AgentToolset:
+async def _load(stack: AsyncExitStack, scope: TenantScope, caller: ToolCaller, ours: list[Tool],
+                wanted: set[str] | None, *, external: bool) -> AgentToolset:
     from langchain_mcp_adapters.tools import load_mcp_tools
     from mcp.shared.memory import create_connected_server_and_client_session
 
     session = await stack.enter_async_context(
-        create_connected_server_and_client_session(build_mcp_server(ours, ledger_caller(scope))))
+        create_connected_server_and_client_session(build_mcp_server(ours, caller)))
     tools: list[BaseTool] = list(await load_mcp_tools(session, server_name=SERVER_NAME))
     approval = {t.name for t in ours if t.approval}
     servers: list[str] = []
@@ -149,7 +131,7 @@ async def _load(stack: AsyncExitStack, scope: ToolScope, ours: list[Tool], wante
     return AgentToolset(tools=tools, approval_required=frozenset(approval), servers=tuple(servers))
 
 
-async def _load_external(stack: AsyncExitStack, scope: ToolScope, name: str,
+async def _load_external(stack: AsyncExitStack, scope: TenantScope, name: str,
                          settings: McpServerSettings) -> list[BaseTool] | None:
     """One session to a tenant's external server and its tools (prefixed ``NAME_``); None if unreachable."""
     from langchain_mcp_adapters.sessions import create_session

@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agentworker.errors import AgentWorkerError
 from agentworker.safe_yaml import DocumentRefused, check_value, load_yaml, one_line
 from agentworker.settings import InputLimits
 from agentworker.workflows.templates import TemplateError, references_in
@@ -26,7 +27,7 @@ ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,62}$"
 WORKFLOW_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
 
-class InvalidWorkflow(ValueError):
+class InvalidWorkflow(AgentWorkerError, ValueError):
     """A definition that cannot be saved or run; ``errors`` lists each problem with its path."""
 
     def __init__(self, errors: list[str]) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agentworker.errors import AgentWorkerError
 from agentworker.safe_yaml import DocumentRefused, check_value
 from agentworker.settings import InputLimits
 
@@ -28,7 +29,7 @@ _WHOLE_RE = re.compile(r"^\s*\{\{(.*?)\}\}\s*$", re.DOTALL)
 _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$")
 
 
-class TemplateError(ValueError):
+class TemplateError(AgentWorkerError, ValueError):
     """A template that cannot be parsed, or that refers to something that is not there."""
 
 

@@ -1,11 +1,15 @@
 """The zygote: a pre-imported parent that forks worker processes (Linux only).
 
-    python -m agentworker.supervisor.zygote_process --fds REQUEST,REPLY [--title-room=...]
+    python -m agentworker.pools.zygote_process --fds REQUEST,REPLY [--title-room=...]
 
-The supervisor starts one zygote (see :mod:`agentworker.supervisor.zygote`). It imports the worker stack
-and the agent stack once (:data:`PRELOAD`, plus ``AGENTWORKER_ZYGOTE_PRELOAD``), checks that importing
-left it fork-safe — one thread, no socket — says ``ready`` on the reply pipe, then serves spawn requests:
-one JSON line per worker in, one JSON line (``{"pid": N}`` or ``{"error": ...}``) out.
+Worker-side code (it imports the worker process and the job side, and each worker it forks runs on from
+here), so it lives in ``pools/``. The supervisor starts one zygote by module name and talks to it only
+through pipes and its exit code (its end is :mod:`agentworker.supervisor.zygote`, which keeps its own
+copies of :data:`WORKER_MODULE` and :data:`EXIT_UNSAFE`; ``tests/test_architecture.py`` checks that they
+agree). The zygote imports the worker stack and the agent stack once (:data:`PRELOAD`, plus
+``AGENTWORKER_ZYGOTE_PRELOAD``), checks that importing left it fork-safe — one thread, no socket — says
+``ready`` on the reply pipe, then serves spawn requests: one JSON line per worker in, one JSON line
+(``{"pid": N}`` or ``{"error": ...}``) out.
 
 Each worker is double-forked: the zygote forks an intermediate process that forks the worker and exits at
 once, so the worker is re-parented to the nearest subreaper — the supervisor, which set
@@ -93,15 +97,12 @@ PRELOAD_OPTIONAL: tuple[str, ...] = (
 )
 
 WORKER_MODULE = "agentworker.pools.worker"
+#: 78 (EX_CONFIG): preloading left the zygote unsafe to fork; the supervisor then runs without a zygote
 EXIT_OK, EXIT_USAGE, EXIT_UNSAFE = 0, 2, 78
 #: exit code of a forked worker that could not take its place (zygote gone, supervisor gone)
 EXIT_ORPHANED = 70
 #: seconds a forked worker waits to be re-parented to the supervisor
 REPARENT_TIMEOUT_S = 10.0
-#: length of the ``--title-room`` argument the supervisor passes: room to rewrite the command line shown
-#: by ps for each worker (it must fit in the zygote's own argv memory)
-TITLE_ROOM = 2048
-
 _PR_SET_PDEATHSIG = 1
 
 
@@ -341,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     fds = _parse_fds(argv)
     if fds is None or not sys.platform.startswith("linux"):
-        print("usage: python -m agentworker.supervisor.zygote_process --fds REQUEST,REPLY (Linux only)",
+        print("usage: python -m agentworker.pools.zygote_process --fds REQUEST,REPLY (Linux only)",
               file=sys.stderr)
         return EXIT_USAGE
     request_fd, reply_fd = fds
