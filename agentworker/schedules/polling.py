@@ -27,6 +27,7 @@ from agentworker import metrics
 from agentworker.db import Database
 from agentworker.db import schedules as rows
 from agentworker.errors import AgentWorkerError
+from agentworker.logs import Logger
 from agentworker.schedules.sources import SEEN_LIMIT, SourceError, read_source
 from agentworker.schedules.spec import ScheduleSpec
 from agentworker.submit import JobSubmitter
@@ -59,7 +60,7 @@ def backoff_seconds(failures: int, initial: float, maximum: float) -> float:
 
 
 async def poll_once(database: Database, submitter: JobSubmitter, tenant_id: str, schedule_id: str,
-                    log: Any) -> PollResult:
+                    log: Logger) -> PollResult:
     """Poll the source of ``schedule_id`` once (see the module's docstring)."""
     async with database.tenant(tenant_id) as tx:
         row = await rows.get_schedule(tx, schedule_id)
@@ -99,7 +100,7 @@ async def poll_once(database: Database, submitter: JobSubmitter, tenant_id: str,
     return PollResult("ok", new_items=len(job_ids), job_ids=tuple(job_ids), cursor=read.cursor)
 
 
-async def _record_failure(database: Database, tenant_id: str, schedule_id: str, error: str, log: Any) -> None:
+async def _record_failure(database: Database, tenant_id: str, schedule_id: str, error: str, log: Logger) -> None:
     async with database.tenant(tenant_id) as tx:
         row = await rows.lock_for_poll(tx, schedule_id)
         if row is None:

@@ -49,6 +49,7 @@ from agentworker.db import integrations as integration_rows
 from agentworker.errors import AgentWorkerError
 from agentworker.integrations import WEBHOOK_SOURCE_PATTERN, WebhookSettings
 from agentworker.jobs import MAX_PAYLOAD_DEPTH, make_job_id, nesting_depth
+from agentworker.logs import Logger
 from agentworker.submit import JobSubmitter
 
 DELIVERY_RETENTION_DAYS = 30
@@ -168,7 +169,7 @@ def _workflow_input(source: str, delivery_id: str, headers: Mapping[str, str], p
 
 
 async def receive(database: Database, submitter: JobSubmitter, tenant_id: str, source: str,
-                  headers: Mapping[str, Any], body: bytes, log: Any, *, now: float | None = None) -> dict[str, Any]:
+                  headers: Mapping[str, Any], body: bytes, log: Logger, *, now: float | None = None) -> dict[str, Any]:
     """Verify, deduplicate and start the source's workflow; return ``{"status", "delivery_id", "job_id"}``."""
     lowered = {str(k).lower(): str(v) for k, v in headers.items()}
     try:
