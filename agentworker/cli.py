@@ -75,10 +75,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
               f"{pool.hang_timeout:>4g}s")
     print(f"{len(config.tenants)} tenant(s) named; others use pool {config.default_pool!r} and "
           f"tenant_defaults {_limits_text(config.tenant_defaults.model_dump())}")
+    if config.tenants:
+        print("effective limits of each named tenant (its own keys over tenant_defaults; job_timeout: the "
+              "tighter of the tenant's and its pool's):")
     for tenant_id in sorted(config.tenants):
         route = route_tenant(config, tenant_id)
-        quota = config.tenants[tenant_id].model_dump(exclude={"pool"})
-        print(f"  {tenant_id:<24} pool={route.pool:<12} shard={route.shard:<4} {_limits_text(quota)}")
+        limits = {**config.limits_of(tenant_id).model_dump(), "job_timeout": config.job_timeout_for(tenant_id)}
+        print(f"  {tenant_id:<24} pool={route.pool:<12} shard={route.shard:<4} {_limits_text(limits)}")
     return EXIT_OK
 
 

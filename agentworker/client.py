@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -72,7 +73,6 @@ from agentworker.db.runs import RunRecord
 from agentworker.errors import AgentWorkerError
 from agentworker.events import Event, read_events
 from agentworker.integrations import DEFAULT_NAME, SETTINGS_BY_KIND, check_kind_and_name, parse_integration
-from agentworker.logs import get_logger
 from agentworker.routing import Route, route_tenant
 from agentworker.schedules.spec import ScheduleSpec, parse_schedule, schedule_view
 from agentworker.settings import Settings
@@ -81,7 +81,12 @@ from agentworker.submit import JobSubmitter
 from agentworker.submit import QuotaExceeded as QuotaExceeded  # re-exported: the backend catches it from here
 from agentworker.workflows import WorkflowDefinition, parse_workflow
 
-log = get_logger("agentworker.client")
+#: a standard-library logger: the client runs in the backend's process and configures no logging of its
+#: own there; the backend's logging setup decides where (and whether) its lines go
+log = logging.getLogger("agentworker.client")
+# What a library does (the logging HOWTO): without the backend's own handlers, not even Python's
+# last-resort handler prints our warnings; lines still propagate to whatever the backend configures.
+logging.getLogger("agentworker").addHandler(logging.NullHandler())
 
 
 class JobFailed(AgentWorkerError):
@@ -276,10 +281,11 @@ class AgentWorkerClient:
         if loaded is None:
             return False
         if isinstance(loaded, ConfigError):
-            log.warning("quota file changed but is refused; keeping the running config", errors=loaded.errors)
+            log.warning("quota file %s changed but is refused; keeping the running config: %s", watch.path,
+                        "; ".join(loaded.errors))
             return False
         self.config = loaded
-        log.info("quota file reloaded by the client", path=str(watch.path))
+        log.info("quota file %s reloaded by the client", watch.path)
         return True
 
     def route(self, tenant_id: str) -> Route:

@@ -207,3 +207,50 @@ def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
         assert "--config FILE" in text
         for markup in ("``", ":class:", ":func:", ":mod:", ":meth:"):
             assert markup not in text, text
+
+
+def test_check_config_prints_each_tenants_effective_limits(write_quotas: Any) -> None:
+    path = write_quotas({"default_pool": "standard",
+                         "pools": {"standard": {"shards": 2, "job_timeout": 60}},
+                         "tenant_defaults": {"max_concurrency": 4, "max_pending": 100},
+                         "tenants": {"acme": {"weight": 2},
+                                     "zeta": {"max_concurrency": 1, "job_timeout": 20}}})
+    checked = _cli("check-config", "--config", str(path), env=NO_REDIS_ENV)
+    assert checked.returncode == 0, checked.stderr
+    lines = {line.split()[0]: line for line in checked.stdout.splitlines() if line.startswith("  ")}
+    # acme's own weight, tenant_defaults' caps, and the pool's tighter job timeout.
+    assert "max_concurrency=4" in lines["acme"] and "max_pending=100" in lines["acme"]
+    assert "weight=2" in lines["acme"] and "job_timeout=60" in lines["acme"]
+    assert "max_concurrency=1" in lines["zeta"] and "max_pending=100" in lines["zeta"]
+    assert "job_timeout=20" in lines["zeta"]
+
+
+def test_the_client_writes_nothing_into_the_backends_output(write_quotas: Any, tmp_path: Path) -> None:
+    """A backend that configured no logging sees no line from the client, even when it reloads the quota
+    file or refuses a broken one; the lines go to the standard library's ``agentworker.client`` logger."""
+    path = write_quotas({"pools": {"standard": {"shards": 1}}})
+    script = tmp_path / "backend.py"
+    script.write_text(f"""
+import logging
+from agentworker.client import AgentWorkerClient
+from agentworker.settings import Settings
+
+path = {str(path)!r}
+client = AgentWorkerClient.from_settings(Settings(redis_url="redis://127.0.0.1:1/0", config=path))
+open(path, "w").write("pools: {{standard: {{shards: 2}}}}\\n")
+assert client.refresh_config(force=True) and client.config.pools["standard"].shards == 2
+open(path, "w").write("pools: [not, a, mapping]\\n")
+assert not client.refresh_config(force=True)
+records = []
+handler = logging.Handler(); handler.emit = records.append
+logging.getLogger("agentworker.client").addHandler(handler)
+logging.getLogger("agentworker.client").setLevel(logging.INFO)
+open(path, "w").write("pools: {{standard: {{shards: 3}}}}\\n")
+assert client.refresh_config(force=True)
+print("records", len(records))
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env=NO_REDIS_ENV)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "records 1\n", "only the backend's own print; the client's lines reach its logger"
+    assert "quota file" not in done.stderr
