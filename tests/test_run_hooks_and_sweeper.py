@@ -114,8 +114,11 @@ async def read_run(database: Database, tenant: str, run_id: str) -> RunRecord:
     return run
 
 
-async def events(redis: Redis, tenant: str, name: str) -> list[dict[str, Any]]:
-    entries = await redis.xrange(keys.event_stream(tenant))
+async def events(runtime: JobRuntime, tenant: str, name: str) -> list[dict[str, Any]]:
+    """The data of the tenant's ``name`` events in its stream, once the events ``runtime`` has queued are
+    written (promised events are published after their commit, not before the hook returns)."""
+    await runtime.events.flush(timeout=5.0)
+    entries = await runtime.redis.xrange(keys.event_stream(tenant))
     bodies = [json.loads(fields[b"event"]) for _id, fields in entries]
     return [body["data"] for body in bodies if body["event"] == name]
 
@@ -142,13 +145,13 @@ async def test_execute_workflow_hook_fails_a_running_run_once(runtime: JobRuntim
     expected = {"error": "JobPoisoned", "message": "its worker died 6 times running it", "reason": "poisoned"}
     assert failed.status == "failed" and failed.error == expected and failed.finished_at is not None
     assert [s.status for s in failed.steps] == [StepStatus.INTERRUPTED]
-    assert await events(redis, tenant, "workflow_run_failed") == [run_event(run, "failed", None,
+    assert await events(runtime, tenant, "workflow_run_failed") == [run_event(run, "failed", None,
                                                                              {"error": expected})]
 
     # A second report (the worker retrying its hook, or the sweeper) changes nothing and says nothing.
     await hook(ctx, payload, "tries_exhausted", JobTriesExhausted("no tries left"))
     assert (await read_run(db, tenant, run.run_id)).error == expected
-    assert len(await events(redis, tenant, "workflow_run_failed")) == 1
+    assert len(await events(runtime, tenant, "workflow_run_failed")) == 1
 
 
 async def test_execute_workflow_hook_leaves_finished_and_waiting_runs_alone(runtime: JobRuntime, db: Database,
@@ -164,7 +167,7 @@ async def test_execute_workflow_hook_leaves_finished_and_waiting_runs_alone(runt
     # No run for the job at all (it failed before making one): nothing to do.
     await hook(job_context(runtime, tenant, "execute_workflow"), {"tenant_id": tenant}, "rejected",
                RuntimeError("misrouted"))
-    assert await events(redis, tenant, "workflow_run_failed") == []
+    assert await events(runtime, tenant, "workflow_run_failed") == []
 
 
 async def test_resume_run_hook_fails_only_a_run_its_own_job_drives(runtime: JobRuntime, db: Database,
@@ -189,7 +192,7 @@ async def test_resume_run_hook_fails_only_a_run_its_own_job_drives(runtime: JobR
     failed = await read_run(db, tenant, run.run_id)
     assert failed.status == "failed" and failed.job_id == resumer.job_id and failed.attempts == 2
     assert failed.error == {"error": "JobPoisoned", "message": "died", "reason": "poisoned"}
-    assert len(await events(redis, tenant, "workflow_run_failed")) == 1
+    assert len(await events(runtime, tenant, "workflow_run_failed")) == 1
 
 
 async def test_a_hook_with_postgresql_down_returns_quickly_without_raising(
@@ -200,7 +203,7 @@ async def test_a_hook_with_postgresql_down_returns_quickly_without_raising(
     started = time.monotonic()
     await hook_of("execute_workflow")(ctx, {"tenant_id": tenant}, "poisoned", JobPoisoned("died"))
     assert time.monotonic() - started < 8
-    assert await events(redis, tenant, "workflow_run_failed") == []
+    assert await events(down, tenant, "workflow_run_failed") == []
     await down.resources.aclose()
 
 
@@ -218,7 +221,7 @@ async def test_agent_hooks_report_a_poisoned_run(runtime: JobRuntime, redis: Red
     await hook_of("resume_agent")(job_context(runtime, tenant, "resume_agent"),
                                   {"tenant_id": tenant, "run_id": "r-7", "decision": "approve"},
                                   "tries_exhausted", JobTriesExhausted("no tries left"))
-    assert await events(redis, tenant, "agent_run_failed") == [
+    assert await events(runtime, tenant, "agent_run_failed") == [
         {"agent": "tool", "run_id": f"job-{job_digest(tool_ctx.job_id)}", "error": "JobPoisoned",
          "message": "its worker died 6 times running it", "reason": "poisoned"},
         {"agent": "chat", "conversation_id": "c1", "error": "JobTimedOut",
@@ -239,14 +242,14 @@ async def test_agent_hook_does_not_repeat_what_the_task_reported(redis: Redis, r
     with pytest.raises(DatabaseUnavailable) as raised:
         await run_tool_agent(ctx, **payload)
     await hook(ctx, payload, "error", raised.value)
-    reported = await events(redis, tenant, "agent_run_failed")
+    reported = await events(down, tenant, "agent_run_failed")
     assert [(e["run_id"], e["error"], "reason" in e) for e in reported] == [("r-1", "DatabaseUnavailable", False)]
     # Invalid input fails before the run starts, past the task's except block: the hook reports it.
     bad: dict[str, Any] = {"tenant_id": tenant, "instructions": "", "run_id": "r-2"}
     with pytest.raises(InvalidAgentInput) as invalid:
         await run_tool_agent(ctx, **bad)
     await hook(ctx, bad, "error", invalid.value)
-    reported = await events(redis, tenant, "agent_run_failed")
+    reported = await events(down, tenant, "agent_run_failed")
     assert [(e["run_id"], e["error"], e.get("reason")) for e in reported] == [
         ("r-1", "DatabaseUnavailable", None), ("r-2", "InvalidAgentInput", "error")]
     await down.resources.aclose()
@@ -260,8 +263,8 @@ async def test_handle_message_hook_fails_its_workflow_run_and_reports_the_messag
     await hook_of("handle_message")(ctx, {"tenant_id": tenant, "conversation_id": "c9", "message": "hi"},
                                     "poisoned", JobPoisoned("died"))
     assert (await read_run(db, tenant, run.run_id)).status == "failed"
-    assert len(await events(redis, tenant, "workflow_run_failed")) == 1
-    assert await events(redis, tenant, "agent_run_failed") == [
+    assert len(await events(runtime, tenant, "workflow_run_failed")) == 1
+    assert await events(runtime, tenant, "agent_run_failed") == [
         {"agent": "chat", "conversation_id": "c9", "error": "JobPoisoned", "message": "died", "reason": "poisoned"}]
 
 
@@ -302,11 +305,11 @@ async def test_the_sweeper_fails_runs_whose_job_is_gone_and_only_those(
     for run in (recent, alive):
         assert (await read_run(db, tenant, run.run_id)).status == "running"
     assert (await read_run(db, tenant, waiting.run_id)).status == "waiting_approval"
-    announced = await events(redis, tenant, "workflow_run_failed")
+    announced = await events(runtime, tenant, "workflow_run_failed")
     assert sorted(e["run_id"] for e in announced) == sorted([orphan.run_id, legacy.run_id])
     assert announced[0] == run_event(orphan, "failed", None, {"error": (await read_run(db, tenant,
                                                                                         orphan.run_id)).error})
-    assert [e["run_id"] for e in await events(redis, other, "workflow_run_failed")] == [other_orphan.run_id]
+    assert [e["run_id"] for e in await events(runtime, other, "workflow_run_failed")] == [other_orphan.run_id]
 
     # The job finished for good: its record is gone, and its run is swept on the next pass.
     await redis.delete(job_key(handle.job_id))
@@ -321,7 +324,7 @@ async def test_two_sweepers_at_once_fail_a_run_once(runtime: JobRuntime, db: Dat
             for i in range(5)]
     counts = await asyncio.gather(*(sweep_orphaned_runs(runtime, older_than_s=60, limit=2) for _ in range(3)))
     assert sum(counts) == 5
-    announced = await events(redis, tenant, "workflow_run_failed")
+    announced = await events(runtime, tenant, "workflow_run_failed")
     assert sorted(e["run_id"] for e in announced) == sorted(r.run_id for r in made)
 
 
@@ -342,7 +345,7 @@ async def test_only_the_lock_holder_sweeps(runtime: JobRuntime, db: Database, re
     assert sorted(results, key=str) == [1, None]
     assert (await read_run(db, tenant, run.run_id)).status == "failed"
     assert 0 < await redis.pttl(keys.run_sweeper_lock()) <= 30_000
-    assert len(await events(redis, tenant, "workflow_run_failed")) == 1
+    assert len(await events(runtime, tenant, "workflow_run_failed")) == 1
 
 
 class CountingRuntime(JobRuntime):
@@ -384,4 +387,4 @@ async def test_sweep_forever_rides_out_a_postgresql_outage(redis: Redis, redis_u
     paused = [e for e in logs if e["event"] == "run sweeping paused; will retry"]
     assert len(paused) == 1 and paused[0]["log_level"] == "warning", logs
     assert [e["event"] for e in logs].count("run sweeping resumed") == 1
-    assert [e["run_id"] for e in await events(redis, tenant, "workflow_run_failed")] == [run.run_id]
+    assert [e["run_id"] for e in await events(runtime, tenant, "workflow_run_failed")] == [run.run_id]
