@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,10 +41,10 @@ from redis.exceptions import RedisError
 
 from agentworker import keys
 from agentworker.db import event_outbox as rows
-from agentworker.db.database import Database, DatabaseError, DatabaseNotMigrated, TenantTransaction
+from agentworker.db.database import Database, DatabaseError, TenantTransaction
 from agentworker.events import EventPublisher
 from agentworker.logs import get_logger
-from agentworker.redis_lock import RedisLock
+from agentworker.redis_lock import RedisLock, every_interval
 
 log = get_logger("agentworker.event_outbox")
 
@@ -242,28 +241,11 @@ async def relay_forever(redis: Any, database: Callable[[], Awaitable[Database]],
     """Relay stale outbox rows until cancelled: every ``interval`` seconds (times a random factor in
     [0.5, 1]) take the relay lock for ``interval`` and, if this process got it, :func:`relay_stale`.
     Never raises: an outage or a database not migrated yet is logged once and tried again."""
-    failing: str | None = None
-    while True:
-        await asyncio.sleep(interval * random.uniform(0.5, 1.0))
-        try:
-            lock = RedisLock(redis, keys.event_relay_lock(), interval)
-            if not await lock.acquire():
-                continue
-            relayed = await relay_stale(await database(), publisher, older_than_s=older_than_s)
-            if failing is not None:
-                log.info("event relay resumed")
-                failing = None
-            if relayed:
-                log.info("outbox events relayed", relayed=relayed)
-        except DatabaseNotMigrated as exc:
-            failing = _log_once(failing, "the event relay is off until `agentworker migrate` runs", str(exc))
-        except (DatabaseError, RedisError, OSError) as exc:
-            failing = _log_once(failing, "event relay paused; will retry", str(exc) or repr(exc))
-        except Exception as exc:  # a bug must not take the worker down
-            log.exception("event relay failed", error=repr(exc))
 
+    async def attempt() -> int | None:
+        if not await RedisLock(redis, keys.event_relay_lock(), interval).acquire():
+            return None
+        return await relay_stale(await database(), publisher, older_than_s=older_than_s)
 
-def _log_once(failing: str | None, message: str, error: str) -> str:
-    if failing != message:
-        log.warning(message, error=error)
-    return message
+    await every_interval(attempt, interval=interval, name="event relay", log=log,
+                         done=lambda relayed: log.info("outbox events relayed", relayed=relayed))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +29,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agentworker import keys
-from agentworker.db import DatabaseError, DatabaseNotMigrated, runs
+from agentworker.db import runs
 from agentworker.db.runs import IdleRun
 from agentworker.jobs import job_key
 from agentworker.logs import get_logger
-from agentworker.redis_lock import RedisLock
+from agentworker.redis_lock import RedisLock, every_interval
 from agentworker.tasks.workflow_tasks import promise_run_event, run_event
 
 if TYPE_CHECKING:
@@ -144,29 +143,7 @@ async def sweep_forever(runtime: JobRuntime, *, interval: float = SWEEP_INTERVAL
     :data:`ORPHAN_AFTER_S` seconds. The first try waits one pause, so a starting worker does not open its
     database pool at once. Never raises: PostgreSQL or Redis down, or a database not yet migrated, is
     logged once per outage and tried again next time."""
-    failing: str | None = None
-    while True:
-        pause = interval * random.uniform(0.5, 1.0)
-        await asyncio.sleep(pause)
-        try:
-            failed = await sweep_once(runtime, hold_s=interval, older_than_s=older_than_s)
-            if failed is None:
-                continue  # the lock is held (another process, or this one's last sweep): no news of the outage
-            if failing is not None:
-                log.info("run sweeping resumed")
-                failing = None
-            if failed:
-                log.info("run sweep done", failed=failed)
-        except DatabaseNotMigrated as exc:
-            failing = _log_once(failing, "run sweeping is off until `agentworker migrate` runs", str(exc))
-            await asyncio.sleep(_NOT_MIGRATED_PAUSE_S)
-        except (DatabaseError, RedisError, OSError) as exc:
-            failing = _log_once(failing, "run sweeping paused; will retry", str(exc) or repr(exc))
-        except Exception as exc:  # a bug must not take the worker's jobs down with it
-            log.exception("run sweep failed", error=repr(exc))
-
-
-def _log_once(failing: str | None, message: str, error: str) -> str:
-    if failing != message:
-        log.warning(message, error=error)
-    return message
+    await every_interval(lambda: sweep_once(runtime, hold_s=interval, older_than_s=older_than_s),
+                         interval=interval, name="run sweeping", log=log,
+                         done=lambda failed: log.info("run sweep done", failed=failed),
+                         not_migrated_pause_s=_NOT_MIGRATED_PAUSE_S)
