@@ -22,13 +22,18 @@ from urllib.parse import urlsplit
 from redis.exceptions import RedisError
 
 from agentworker import __version__
-from agentworker.config import ConfigError, QuotaConfig, load_config, resolve_config_path
+from agentworker.config import TENANT_KEYS, ConfigError, QuotaConfig, load_config, resolve_config_path
 from agentworker.jobs import InvalidJob
 from agentworker.routing import InvalidTenantId, route_tenant
 from agentworker.settings import Settings, SettingsError, check_database_url
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from redis.asyncio import Redis
+
+    from agentworker.client import AgentWorkerClient
+    from agentworker.tenants import TenantView
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -309,6 +314,223 @@ def _truncate(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+# -- tenants -----------------------------------------------------------------------------------------
+
+#: argparse types of the override options (any other key of TENANT_KEYS is a string, e.g. rate_limit)
+_OVERRIDE_TYPES: dict[str, Callable[[str], Any]] = {
+    "max_concurrency": int, "max_pending": int, "job_timeout": float, "weight": float, "llm_concurrency": int}
+_OVERRIDE_HELP: dict[str, tuple[str, str]] = {
+    "pool": ("P", "route the tenant to this pool of the quota file"),
+    "max_concurrency": ("N", "jobs of the tenant running at once (>= 1)"),
+    "max_pending": ("N", "jobs of the tenant queued at most (>= 0)"),
+    "job_timeout": ("S", "seconds a job may run (at most its pool's job_timeout)"),
+    "rate_limit": ("R", "job starts per period, e.g. 50/s, 600/m, 1000/h"),
+    "weight": ("W", "fair-share weight inside its shard (0-1000, default 1)"),
+    "llm_tokens": ("T", "model tokens per sliding window, e.g. 200000/h"),
+    "llm_concurrency": ("N", "model calls of the tenant in flight at once (>= 1)"),
+}
+BY_HELP = ("who makes the change, recorded in the tenant's history (default: cli:USER@HOST, the login "
+           "name and host name of this shell)")
+
+
+def _default_by() -> str:
+    """``cli:{user}@{host}``, made printable ASCII (the store refuses anything else)."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (a container's arbitrary uid)
+        user = f"uid{os.getuid()}"
+    by = f"cli:{user}@{socket.gethostname()}"
+    return "".join(c if " " <= c <= "~" else "?" for c in by)[:200]
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    from agentworker.routing import validate_tenant_id
+
+    if getattr(args, "tenant", None) is not None:
+        validate_tenant_id(args.tenant)  # a bad id is refused before anything is reached
+    if getattr(args, "by", "") is None:
+        args.by = _default_by()
+    _quiet_library_logs()
+    return asyncio.run(_tenants(args))
+
+
+def _quiet_library_logs() -> None:
+    """The store logs each change at INFO (for services' logs); here the command's output says it. Its
+    warnings (a change saved but not copied to Redis yet) go to stderr, one line each."""
+    import logging
+
+    import structlog
+
+    structlog.configure(processors=[structlog.processors.add_log_level, structlog.dev.ConsoleRenderer(colors=False)],
+                        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr), cache_logger_on_first_use=False)
+
+
+async def _tenants(args: argparse.Namespace) -> int:
+    from asyncpg import PostgresError
+    from asyncpg.exceptions import ClientConfigurationError
+
+    from agentworker.client import AgentWorkerClient
+    from agentworker.db import DatabaseError
+    from agentworker.tenants import InvalidTenantChange
+
+    settings = _settings(args)
+    async with AgentWorkerClient.from_settings(settings) as client:
+        try:
+            return await TENANT_ACTIONS[args.action](client, args)
+        except InvalidTenantChange as exc:
+            label = f"tenant {args.tenant}" if getattr(args, "tenant", None) is not None else exc.source
+            print(f"{label}: {len(exc.errors)} error(s)", file=sys.stderr)
+            for error in exc.errors:
+                print(f"  {error}", file=sys.stderr)
+            return EXIT_USAGE
+        except DatabaseError as exc:  # unreachable, not migrated, login refused
+            raise CommandError(str(exc), EXIT_FAILED) from None
+        except ClientConfigurationError as exc:  # a URL option check_database_url does not know
+            raise CommandError(f"AGENTWORKER_DATABASE_URL cannot be used: {exc}") from None
+        except PostgresError as exc:  # e.g. the URL's database does not exist
+            raise CommandError(f"PostgreSQL refused: {exc}", EXIT_FAILED) from None
+
+
+async def _tenant_get(client: AgentWorkerClient, args: argparse.Namespace) -> int:
+    _print_view(await client.get_tenant(args.tenant), args.json)
+    return EXIT_OK
+
+
+async def _tenant_set(client: AgentWorkerClient, args: argparse.Namespace) -> int:
+    from agentworker.tenants import UNSET
+
+    overrides = {key: getattr(args, f"override_{key}") for key in TENANT_KEYS
+                 if getattr(args, f"override_{key}", None) is not None}
+    plan = None if args.no_plan else args.plan if args.plan is not None else UNSET
+    if plan is UNSET and not overrides:
+        raise CommandError("nothing to set: give --plan NAME, --no-plan or an override option "
+                           "(see agentworker tenants set --help)")
+    before = await client.get_tenant(args.tenant)
+    view = await client.set_tenant(args.tenant, by=args.by, plan=plan, overrides=overrides)
+    if not args.json:
+        print(f"tenant {args.tenant}: saved as version {view.version}" if view.version != before.version
+              else f"tenant {args.tenant}: nothing changed (the entry already says so)")
+    _print_view(view, args.json)
+    return EXIT_OK
+
+
+async def _tenant_unset(client: AgentWorkerClient, args: argparse.Namespace) -> int:
+    keys_ = [key.replace("-", "_") for key in args.keys]
+    known = all(key == "plan" or key in TENANT_KEYS for key in keys_)  # unknown ones: the store refuses them
+    if keys_ and known and not (await client.get_tenant(args.tenant)).stored:
+        changed = False  # the store would record an empty entry
+    else:
+        changed = await client.unset_tenant(args.tenant, *keys_, by=args.by)
+    view = await client.get_tenant(args.tenant)
+    if not args.json:
+        if not keys_ or not view.stored:
+            print(f"tenant {args.tenant}: entry removed; the quota file's limits apply" if changed
+                  else f"tenant {args.tenant}: no stored entry; nothing to remove")
+        else:
+            print(f"tenant {args.tenant}: {', '.join(keys_)} unset, saved as version {view.version}" if changed
+                  else f"tenant {args.tenant}: nothing changed ({', '.join(keys_)} not set)")
+    _print_view(view, args.json)
+    return EXIT_OK
+
+
+async def _tenant_list(client: AgentWorkerClient, args: argparse.Namespace) -> int:
+    views = await client.list_tenants(after=args.after, limit=args.limit)
+    if args.json:
+        print(json.dumps([view.as_json() for view in views]))
+        return EXIT_OK
+    rows = [[v.tenant_id, v.plan or "-", v.pool, str(v.shard), str(v.version), _when(v.updated_at),
+             v.updated_by or "-", _entry_text({"overrides": v.overrides}) or "-"] for v in views]
+    _print_table(["TENANT", "PLAN", "POOL", "SHARD", "VERSION", "UPDATED", "BY", "OVERRIDES"], rows)
+    more = f"; more may follow: --after {views[-1].tenant_id}" if len(views) == args.limit else ""
+    print(f"{len(views)} stored tenant(s){' after ' + repr(args.after) if args.after else ''}{more}")
+    return EXIT_OK
+
+
+async def _tenant_history(client: AgentWorkerClient, args: argparse.Namespace) -> int:
+    changes = await client.tenant_history(args.tenant, limit=args.limit)
+    if args.json:
+        print(json.dumps([change.as_json() for change in changes]))
+        return EXIT_OK
+    rows = [[str(c.version), _when(c.changed_at), c.changed_by, _change_text(c.old, c.new)] for c in changes]
+    _print_table(["VERSION", "CHANGED", "BY", "CHANGE"], rows)
+    more = f" (the newest {args.limit}: --limit shows more)" if len(changes) == args.limit else ""
+    print(f"tenant {args.tenant}: {len(changes)} change(s){more}")
+    return EXIT_OK
+
+
+TENANT_ACTIONS: dict[str, Callable[[AgentWorkerClient, argparse.Namespace], Awaitable[int]]] = {
+    "get": _tenant_get, "set": _tenant_set, "unset": _tenant_unset, "list": _tenant_list,
+    "history": _tenant_history}
+
+
+def _print_view(view: TenantView, as_json: bool) -> None:
+    """A :class:`~agentworker.tenants.TenantView`: its stored entry, route and effective limits."""
+    if as_json:
+        print(json.dumps(view.as_json()))
+        return
+    if view.stored:
+        print(f"tenant {view.tenant_id}: stored entry version {view.version}, updated {_when(view.updated_at)} "
+              f"by {view.updated_by}")
+    else:
+        print(f"tenant {view.tenant_id}: no stored entry (the quota file's limits apply)")
+    print(f"plan: {view.plan or '(none stored)'}")
+    print(f"overrides: {_entry_text({'overrides': view.overrides}) or '(none)'}")
+    print(f"route: pool {view.pool}, shard {view.shard}, queue {view.queue}")
+    print("effective limits (value, where it comes from):")
+    rows = [["pool", view.pool, view.sources.get("pool", "-")]]
+    for key, value in view.limits.items():
+        rows.append([key, _value_text(value), view.sources.get(key, "-") if value is not None else "(no limit)"])
+    width = max(len(row[0]) for row in rows), max(len(row[1]) for row in rows)
+    for key, value, source in rows:
+        print(f"  {key:<{width[0]}}  {value:<{width[1]}}  {source}")
+
+
+def _value_text(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _entry_text(entry: dict[str, Any] | None) -> str:
+    """``plan=pro max_concurrency=4`` for a stored entry (as the history records it)."""
+    if not entry:
+        return ""
+    shown = [f"plan={entry['plan']}"] if entry.get("plan") else []
+    shown += [f"{key}={_value_text(value)}" for key, value in sorted((entry.get("overrides") or {}).items())]
+    return " ".join(shown)
+
+
+def _change_text(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str:
+    if new is None:
+        return f"entry removed (was: {_entry_text(old) or 'empty'})"
+    if old is None:
+        return f"entry created: {_entry_text(new) or 'empty'}"
+    parts = []
+    if old.get("plan") != new.get("plan"):
+        parts.append(f"plan {old.get('plan') or '-'} -> {new.get('plan') or '-'}")
+    before, after = old.get("overrides") or {}, new.get("overrides") or {}
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) != after.get(key):
+            parts.append(f"{key} {_value_text(before.get(key))} -> {_value_text(after.get(key))}")
+    return "; ".join(parts) or "no change"
+
+
+def _when(moment: Any) -> str:
+    return moment.isoformat(timespec="seconds") if moment is not None else "-"
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    if not rows:
+        return
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    for line in [headers, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
 # -- wiring ------------------------------------------------------------------------------------------
 
 
@@ -414,6 +636,49 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("id", help=id_help)
     q.add_argument("--pool", help=pool_help)
     p.set_defaults(handler=cmd_dead_letters)
+
+    p = sub.add_parser("tenants", parents=[command],
+                       help="show and change tenants' stored plans and limit overrides (the tenant store)",
+                       description="The tenant store (PostgreSQL, run `agentworker migrate` first): each "
+                       "tenant's plan and limit overrides, over the quota file's limits, applied by every "
+                       "process within a second. Uses $AGENTWORKER_DATABASE_URL and $AGENTWORKER_REDIS_URL.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tenant_help = "tenant id"
+    q = actions.add_parser("get", parents=[action],
+                           help="print a tenant's stored entry and effective limits, with each one's source")
+    q.add_argument("tenant", help=tenant_help)
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = actions.add_parser("set", parents=[action],
+                           help="set a tenant's plan and overrides (merged over its stored ones); print the result",
+                           epilog="Values are validated with the quota file's rules; a refused change changes "
+                           "nothing. Unset keys with agentworker tenants unset.")
+    q.add_argument("tenant", help=tenant_help)
+    plans = q.add_mutually_exclusive_group()
+    plans.add_argument("--plan", metavar="NAME", help="the plan (one of the quota file's plans:)")
+    plans.add_argument("--no-plan", action="store_true", help="remove the stored plan")
+    for key in TENANT_KEYS:
+        metavar, text = _OVERRIDE_HELP.get(key, ("VALUE", f"the tenant's {key}"))
+        q.add_argument("--" + key.replace("_", "-"), dest=f"override_{key}", metavar=metavar,
+                       type=_OVERRIDE_TYPES.get(key, str), help=text)
+    q.add_argument("--by", metavar="WHO", help=BY_HELP)
+    q.add_argument("--json", action="store_true", help="print the resulting entry as JSON")
+    q = actions.add_parser("unset", parents=[action],
+                           help="remove override keys (or plan) of a tenant's entry, or with no KEY the whole entry")
+    q.add_argument("tenant", help=tenant_help)
+    q.add_argument("keys", nargs="*", metavar="KEY",
+                   help=f"plan or an override key ({', '.join(k.replace('_', '-') for k in TENANT_KEYS)}; "
+                   "dashes or underscores); none: remove the entry (exit 0 even if there was none)")
+    q.add_argument("--by", metavar="WHO", help=BY_HELP)
+    q.add_argument("--json", action="store_true", help="print the resulting entry as JSON")
+    q = actions.add_parser("list", parents=[action], help="list the tenants with a stored entry, by id")
+    q.add_argument("--after", default="", metavar="ID", help="start after this tenant id (paging)")
+    q.add_argument("--limit", type=int, default=100, metavar="N", help="at most this many, 1-5000 (default 100)")
+    q.add_argument("--json", action="store_true", help="print a JSON list")
+    q = actions.add_parser("history", parents=[action], help="print the changes of a tenant's entry, newest first")
+    q.add_argument("tenant", help=tenant_help)
+    q.add_argument("--limit", type=int, default=100, metavar="N", help="at most this many, 1-5000 (default 100)")
+    q.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(handler=cmd_tenants)
     return parser
 
 

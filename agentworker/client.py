@@ -55,15 +55,16 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from agentworker import jobs, keys
+from agentworker import catalog, jobs, keys
 from agentworker.config import ConfigError, QuotaConfig, QuotaFileWatch, load_config, resolve_config_path
 from agentworker.db import Database, definitions, open_database, runs
 from agentworker.db import integrations as integration_rows
@@ -73,13 +74,16 @@ from agentworker.db.runs import RunRecord
 from agentworker.errors import AgentWorkerError
 from agentworker.events import Event, read_events
 from agentworker.integrations import DEFAULT_NAME, SETTINGS_BY_KIND, check_kind_and_name, parse_integration
-from agentworker.routing import Route, route_tenant
-from agentworker.schedules.spec import ScheduleSpec, parse_schedule, schedule_view
+from agentworker.llm_budget import LlmUsage, read_usage
+from agentworker.routing import Route, route_tenant, validate_tenant_id
+from agentworker.schedules.spec import InvalidSchedule, ScheduleSpec, parse_schedule, schedule_view
 from agentworker.settings import Settings
 from agentworker.submit import JOB_EXPIRY_MS as JOB_EXPIRY_MS  # re-exported, as QuotaExceeded
 from agentworker.submit import JobSubmitter
 from agentworker.submit import QuotaExceeded as QuotaExceeded  # re-exported: the backend catches it from here
-from agentworker.workflows import WorkflowDefinition, parse_workflow
+from agentworker.tenants import UNSET, TenantChange, TenantStore, TenantView
+from agentworker.workflows import InvalidWorkflow, WorkflowDefinition, parse_workflow
+from agentworker.workflows.definition import ToolStep
 
 #: a standard-library logger: the client runs in the backend's process and configures no logging of its
 #: own there; the backend's logging setup decides where (and whether) its lines go
@@ -300,7 +304,7 @@ class AgentWorkerClient:
                 following = asyncio.ensure_future(self.follow_config())
                 self._config_following.add(following)
                 following.add_done_callback(self._config_following.discard)
-        return route_tenant(self.config, tenant_id)
+        return route_tenant(self.config, tenant_id, self._submitter.tenants.cached(tenant_id, stale=True))
 
     def job(self, job_id: str) -> JobHandle:
         """A handle on an existing job id (``tenant:task:key``)."""
@@ -344,6 +348,65 @@ class AgentWorkerClient:
         return read_events(self.redis, tenant_id, since=since, block_ms=block_ms)
 
 
+    # -- the tenant store (PostgreSQL, copied to Redis: agentworker.tenants) ---------------------------------
+
+    async def tenant_store(self) -> TenantStore:
+        """The tenant store on this client's database, Redis and current quota file."""
+        return TenantStore(await self.database(), self.redis, lambda: self.config)
+
+    async def set_tenant(self, tenant_id: str, *, by: str, plan: str | None = UNSET,
+                         overrides: dict[str, Any] | None = None,
+                         unset: tuple[str, ...] | list[str] = ()) -> TenantView:
+        """Change a tenant's plan (None: no plan; not given: unchanged) and overrides (merged over the
+        stored ones; ``unset`` removes keys, ``"plan"`` included). ``by`` says who makes the change (the
+        audit trail records it). Validated with the quota file's rules: a bad value raises
+        :class:`~agentworker.tenants.InvalidTenantChange` naming the key's path, and nothing changes.
+        Applies in every worker, client and supervisor within a second (:mod:`agentworker.tenants`)."""
+        view = await (await self.tenant_store()).set(tenant_id, by=by, plan=plan, overrides=overrides, unset=unset)
+        await self._refresh_tenant(tenant_id)
+        return view
+
+    async def _refresh_tenant(self, tenant_id: str) -> None:
+        """Read the tenant's record afresh after this client changed it (its routing follows at once)."""
+        self._submitter.tenants.invalidate(tenant_id)
+        with contextlib.suppress(RedisError, OSError):
+            await self._submitter.tenants.get(tenant_id, fresh=True)
+
+    async def unset_tenant(self, tenant_id: str, *keys_: str, by: str) -> bool:
+        """Remove override keys (``"plan"`` for the plan) of the tenant's entry, or with no key its whole
+        entry (the quota file's limits apply again); False if there was nothing to remove."""
+        store = await self.tenant_store()
+        try:
+            if keys_:
+                before = await store.get(tenant_id)
+                after = await store.set(tenant_id, by=by, unset=keys_)
+                return after.version != before.version
+            return await store.remove(tenant_id, by=by)
+        finally:
+            await self._refresh_tenant(tenant_id)
+
+    async def get_tenant(self, tenant_id: str) -> TenantView:
+        """The tenant's stored entry, effective limits and where each comes from (file, plan, override)."""
+        return await (await self.tenant_store()).get(tenant_id)
+
+    async def list_tenants(self, *, after: str = "", limit: int = 100) -> list[TenantView]:
+        """Tenants with a stored entry, by id: ``limit`` (1-5000) after the id ``after``."""
+        return await (await self.tenant_store()).list(after=after, limit=limit)
+
+    async def tenant_history(self, tenant_id: str, *, limit: int = 100) -> list[TenantChange]:
+        """The audit trail of the tenant's entry, newest first."""
+        return await (await self.tenant_store()).history(tenant_id, limit=limit)
+
+    # -- LLM usage (PostgreSQL: agentworker.llm_budget) --------------------------------------------------
+
+    async def llm_usage(self, tenant_id: str, *, since: date | datetime | None = None,
+                        until: date | datetime | None = None) -> list[LlmUsage]:
+        """The tenant's model tokens per day (UTC) and model, ``since`` to ``until`` (days included; a
+        datetime counts as its UTC day): the provider's reported usage of every call its jobs made, what
+        to bill from. Another tenant's usage is never visible (row-level security)."""
+        validate_tenant_id(tenant_id)
+        return await read_usage(await self.database(), tenant_id, since=_utc_day(since), until=_utc_day(until))
+
     # -- workflows (PostgreSQL) ---------------------------------------------------------------------------
 
     async def database(self) -> Database:
@@ -360,6 +423,15 @@ class AgentWorkerClient:
         of its workflow id. Saving the same definition again returns the existing version
         (``created=False``). Raises :class:`~agentworker.workflows.InvalidWorkflow` listing every problem."""
         parsed = parse_workflow(definition)
+        validate_tenant_id(tenant_id)
+        problems = []
+        for i, step in enumerate(parsed.steps):  # a tool step naming a tool no worker serves the tenant
+            if isinstance(step, ToolStep):
+                problem = await catalog.tool_problem(self.redis, tenant_id, step.tool)
+                if problem is not None:
+                    problems.append(f"steps[{i}].tool: {problem}")
+        if problems:
+            raise InvalidWorkflow(problems)
         database = await self.database()
         async with database.tenant(tenant_id) as tx:
             return await definitions.save_definition(tx, parsed.id, parsed.to_json())
@@ -431,8 +503,22 @@ class AgentWorkerClient:
         pending due time; a polling source keeps its cursor while its URL stays.
         """
         parsed = parse_schedule(spec)
+        validate_tenant_id(tenant_id)
         next_due = parsed.cron_schedule().next_after(datetime.now(UTC)) if parsed.enabled else None
         database = await self.database()
+        problems = []
+        if parsed.task is not None:  # a task no worker serves would fail at its every due time
+            problem = await catalog.unknown_task(self.redis, parsed.task)
+            if problem is not None:
+                problems.append(problem)
+        workflow_id = parsed.workflow_id or (parsed.poll.workflow_id if parsed.poll is not None else None)
+        if workflow_id is not None:
+            async with database.tenant(tenant_id) as tx:
+                if await definitions.get_definition(tx, workflow_id) is None:
+                    where = "workflow_id" if parsed.workflow_id else "poll.workflow_id"
+                    problems.append(f"{where}: tenant {tenant_id!r} has no workflow {workflow_id!r} (save it first)")
+        if problems:
+            raise InvalidSchedule(f"invalid schedule {parsed.id!r}: {'; '.join(problems)}", problems)
         async with database.tenant(tenant_id) as tx:
             row, _created = await schedule_rows.save_schedule(
                 tx, schedule_id=parsed.id, kind=parsed.kind, cron=parsed.cron, timezone=parsed.timezone,
@@ -481,6 +567,16 @@ class AgentWorkerClient:
             updated = await schedule_rows.set_enabled(tx, schedule_id, enabled, cron.next_after(datetime.now(UTC)))
         assert updated is not None
         return schedule_view(updated)
+
+
+def _utc_day(value: date | datetime | None) -> date | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return (value.astimezone(UTC) if value.tzinfo else value).date()
+    if isinstance(value, date):
+        return value
+    raise TypeError(f"since and until are dates or datetimes, not {type(value).__name__}")
 
 
 class ScheduleNotFound(AgentWorkerError, LookupError):

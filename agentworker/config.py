@@ -26,13 +26,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from agentworker.errors import AgentWorkerError
 from agentworker.safe_yaml import DocumentRefused, decode_utf8, load_yaml, one_line
@@ -79,6 +80,31 @@ class RateLimit:
         return f"{count}/{unit}"
 
 
+_TOKENS_RE = re.compile(r"^\s*(\d+)\s*/\s*(m|min|minute|h|hour|d|day)\s*$")
+_TOKEN_WINDOWS = {"m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBudget:
+    """``tokens`` model tokens (prompt and completion) per sliding window of ``window_s`` seconds."""
+
+    tokens: int
+    window_s: int
+
+    @classmethod
+    def parse(cls, text: str) -> TokenBudget:
+        match = _TOKENS_RE.match(text)
+        if not match:
+            raise ValueError("must look like 50000/m, 200000/h or 2000000/d")
+        tokens = int(match.group(1))
+        if tokens < 1:
+            raise ValueError("must allow at least one token")
+        return cls(tokens=tokens, window_s=_TOKEN_WINDOWS[match.group(2)])
+
+    def __str__(self) -> str:
+        return f"{self.tokens}/{ {60: 'm', 3600: 'h', 86400: 'd'}[self.window_s] }"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -113,6 +139,10 @@ class TenantLimits(_Strict):
     #: fair-share weight inside the tenant's shard: a tenant of weight 2 gets twice the job starts of a
     #: tenant of weight 1 when both have more work than the pool can run (default 1)
     weight: Annotated[float, Field(gt=0, le=1000)] | None = None
+    #: model tokens per sliding window (``200000/h``): over it the tenant's jobs wait (agentworker.llm_budget)
+    llm_tokens: str | None = None
+    #: model calls of the tenant in flight at once, across every process and host
+    llm_concurrency: PositiveInt | None = None
 
     @field_validator("rate_limit")
     @classmethod
@@ -121,15 +151,71 @@ class TenantLimits(_Strict):
             RateLimit.parse(value)
         return value
 
+    @field_validator("llm_tokens")
+    @classmethod
+    def _check_tokens(cls, value: str | None) -> str | None:
+        if value is not None:
+            TokenBudget.parse(value)
+        return value
+
+    @property
+    def token_budget(self) -> TokenBudget | None:
+        return TokenBudget.parse(self.llm_tokens) if self.llm_tokens else None
+
     @property
     def rate(self) -> RateLimit | None:
         return RateLimit.parse(self.rate_limit) if self.rate_limit else None
 
 
-class TenantQuota(TenantLimits):
-    """A tenant named in the quota file: its pool and its own limits."""
+class PlanQuota(TenantLimits):
+    """A named plan (``plans.{name}``): a set of the tenant keys a tenant takes by naming the plan."""
 
     pool: str | None = None
+
+
+class TenantQuota(PlanQuota):
+    """A tenant named in the quota file: its pool, its plan and its own limits (over its plan's)."""
+
+    plan: str | None = None
+
+
+class TenantDefaults(TenantLimits):
+    """``tenant_defaults``: limits of every tenant, under its own; ``plan`` names the default plan."""
+
+    plan: str | None = None
+
+
+#: the keys a tenant entry, a plan or a stored override may set (``plan`` apart)
+TENANT_KEYS: tuple[str, ...] = ("pool", *TenantLimits.model_fields)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTenant:
+    """A tenant's entry in the tenant store (:mod:`agentworker.tenants`): its plan and its overrides.
+
+    ``overrides`` holds only keys of :data:`TENANT_KEYS`, already validated; ``version`` grows by one at
+    every change (it orders the Redis records that carry the entry to every process)."""
+
+    tenant_id: str
+    plan: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    version: int = 0
+    #: the pool and shard the tenant's jobs went to before its last move ("pool:shard"; "" if none):
+    #: a worker there still runs a job a producer enqueued just before the move reached it
+    previous_queue: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedTenant:
+    """A tenant's effective pool and limits, and where each key came from."""
+
+    tenant_id: str
+    pool: str
+    limits: TenantLimits
+    #: key -> source: "tenant_defaults", "plan {name} (tenant_defaults)", "file", "plan {name} (file)",
+    #: "plan {name}", "override", or "default_pool" for the pool
+    sources: dict[str, str]
+    plan: str | None
 
 
 class QuotaConfig(_Strict):
@@ -137,27 +223,120 @@ class QuotaConfig(_Strict):
 
     default_pool: str = "standard"
     pools: dict[str, PoolQuota] = Field(min_length=1)
+    plans: dict[str, PlanQuota] = Field(default_factory=dict)
     tenants: dict[str, TenantQuota] = Field(default_factory=dict)
-    tenant_defaults: TenantLimits = Field(default_factory=TenantLimits)
+    tenant_defaults: TenantDefaults = Field(default_factory=TenantDefaults)
+    _resolved: dict[str, ResolvedTenant] = PrivateAttr(default_factory=dict)
 
-    def pool_of(self, tenant_id: str) -> str:
+    def resolve(self, tenant_id: str, stored: StoredTenant | None = None) -> ResolvedTenant:
+        """The tenant's effective pool and limits. Each key is taken from the highest layer that sets
+        it: a stored override, then the stored plan, then the file's tenant entry (its own keys over
+        its ``plan``'s), then ``tenant_defaults`` (its own keys over its ``plan``'s); the pool falls
+        back to ``default_pool``. A plan or pool the file no longer defines is skipped (its layer is
+        empty), so editing the file never leaves a tenant without a pool."""
+        if stored is None:
+            named = tenant_id in self.tenants
+            cached = self._resolved.get(tenant_id if named else "*")
+            if cached is None:
+                cached = self._resolve(tenant_id, None)
+                if len(self._resolved) < 100_000:
+                    self._resolved[tenant_id if named else "*"] = cached
+            return cached if cached.tenant_id == tenant_id else ResolvedTenant(
+                tenant_id, cached.pool, cached.limits, cached.sources, cached.plan)
+        return self._resolve(tenant_id, stored)
+
+    def _resolve(self, tenant_id: str, stored: StoredTenant | None) -> ResolvedTenant:
+        layers: list[tuple[str, Mapping[str, Any]]] = []
+        defaults = self.tenant_defaults
+        if defaults.plan and defaults.plan in self.plans:
+            layers.append((f"plan {defaults.plan} (tenant_defaults)", _set_keys(self.plans[defaults.plan])))
+        layers.append(("tenant_defaults", _set_keys(defaults)))
         quota = self.tenants.get(tenant_id)
-        return (quota.pool if quota and quota.pool else None) or self.default_pool
+        if quota is not None:
+            if quota.plan and quota.plan in self.plans:
+                layers.append((f"plan {quota.plan} (file)", _set_keys(self.plans[quota.plan])))
+            layers.append(("file", _set_keys(quota)))
+        plan = quota.plan if quota is not None and quota.plan else defaults.plan
+        if stored is not None:
+            if stored.plan and stored.plan in self.plans:
+                layers.append((f"plan {stored.plan}", _set_keys(self.plans[stored.plan])))
+                plan = stored.plan
+            layers.append(("override", stored.overrides))
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {"pool": "default_pool"}
+        for source, layer in layers:
+            for key, value in layer.items():
+                if value is None or key not in TENANT_KEYS:
+                    continue
+                if key == "pool" and value not in self.pools:
+                    continue
+                values[key] = value
+                sources[key] = source
+        pool = values.pop("pool", self.default_pool)
+        return ResolvedTenant(tenant_id, pool, TenantLimits(**values), sources, plan)
 
-    def limits_of(self, tenant_id: str) -> TenantLimits:
-        """The tenant's own limits, falling back key by key to ``tenant_defaults``."""
-        quota = self.tenants.get(tenant_id)
-        if quota is None:
-            return self.tenant_defaults
-        merged = self.tenant_defaults.model_dump()
-        merged.update({k: v for k, v in quota.model_dump(exclude={"pool"}).items() if v is not None})
-        return TenantLimits(**merged)
+    @property
+    def default_limits(self) -> TenantLimits:
+        """The limits of a tenant the file does not name and the store has no entry for."""
+        return self.resolve("").limits
 
-    def job_timeout_for(self, tenant_id: str) -> float:
+    @property
+    def default_tenant_pool(self) -> str:
+        """The pool of a tenant the file does not name: the default plan's, else ``default_pool``."""
+        return self.resolve("").pool
+
+    def pool_of(self, tenant_id: str, stored: StoredTenant | None = None) -> str:
+        return self.resolve(tenant_id, stored).pool
+
+    def limits_of(self, tenant_id: str, stored: StoredTenant | None = None) -> TenantLimits:
+        """The tenant's limits, key by key from the highest layer setting it (:meth:`resolve`)."""
+        return self.resolve(tenant_id, stored).limits
+
+    def job_timeout_for(self, tenant_id: str, stored: StoredTenant | None = None) -> float:
         """The pool's job timeout, tightened by the tenant's own when it has one."""
-        pool_timeout = self.pools[self.pool_of(tenant_id)].job_timeout
-        tenant_timeout = self.limits_of(tenant_id).job_timeout
+        resolved = self.resolve(tenant_id, stored)
+        pool_timeout = self.pools[resolved.pool].job_timeout
+        tenant_timeout = resolved.limits.job_timeout
         return min(pool_timeout, tenant_timeout) if tenant_timeout else pool_timeout
+
+    def check_stored(self, tenant_id: str, plan: str | None, overrides: Mapping[str, Any]) -> StoredTenant:
+        """Validate a tenant store entry with the quota file's rules; raise :class:`ConfigError`
+        listing every problem by its path (``overrides.max_concurrency: must be >= 1 (got 0)``)."""
+        source = f"tenant {tenant_id}"
+        problems: list[str] = []
+        if plan is not None and (not isinstance(plan, str) or plan not in self.plans):
+            known = ", ".join(sorted(self.plans)) or "none"
+            problems.append(f"plan: names plan {plan!r}, which is not defined (plans: {known})")
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(source, ["overrides: must be a mapping"])
+        clean: dict[str, Any] = {}
+        try:
+            checked = PlanQuota.model_validate(dict(overrides))
+        except ValidationError as exc:
+            for error in exc.errors():
+                for line in _format_pydantic_error(error):
+                    problems.append(f"overrides.{line}")
+        else:
+            clean = _set_keys(checked)
+        pool = clean.get("pool")
+        if pool is not None and pool not in self.pools:
+            problems.append(f"overrides.pool: names pool {pool!r}, which is not defined")
+        if problems:
+            raise ConfigError(source, problems)
+        stored = StoredTenant(tenant_id, plan, clean)
+        resolved = self.resolve(tenant_id, stored)
+        timeout = resolved.limits.job_timeout
+        pool_timeout = self.pools[resolved.pool].job_timeout
+        if timeout is not None and timeout > pool_timeout and resolved.sources.get("job_timeout") == "override":
+            raise ConfigError(source, [f"overrides.job_timeout: {timeout:g}s is above pool {resolved.pool!r}'s "
+                                       f"job_timeout {pool_timeout:g}s"])
+        return stored
+
+
+def _set_keys(model: BaseModel) -> dict[str, Any]:
+    """The tenant keys a layer sets (``None``: not set), ``plan`` apart."""
+    return {key: value for key, value in model.model_dump(exclude={"plan"}).items()
+            if value is not None and key in TENANT_KEYS}
 
 
 def _as_number(value: Any) -> float | None:
@@ -182,6 +361,32 @@ def _reference_problems(data: dict[str, Any]) -> list[str]:
             problems.append(f"pools.{name}: pool name must match {NAME_PATTERN}")
     if pools and default_pool not in pools:
         problems.append(f"default_pool: names pool {default_pool!r}, which is not defined")
+    plans = data.get("plans") if isinstance(data.get("plans"), dict) else {}
+    assert isinstance(plans, dict)
+
+    def plan_pool(name: object) -> Any:
+        plan = plans.get(name) if isinstance(name, str) else None
+        return plan.get("pool") if isinstance(plan, dict) else None
+
+    defaults = data.get("tenant_defaults")
+    default_plan = defaults.get("plan") if isinstance(defaults, dict) else None
+    if default_plan is not None and default_plan not in plans:
+        problems.append(f"tenant_defaults.plan: names plan {default_plan!r}, which is not defined")
+    for name, plan in plans.items():
+        where = f"plans.{name}"
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            problems.append(f"{where}: plan name must match {NAME_PATTERN}")
+        if not isinstance(plan, dict):
+            continue
+        pool_name = plan.get("pool") or plan_pool(default_plan) or default_pool
+        if pool_name not in pools:
+            if plan.get("pool") is not None:
+                problems.append(f"{where}.pool: names pool {pool_name!r}, which is not defined")
+            continue
+        timeout = _as_number(plan.get("job_timeout"))
+        if timeout is not None and timeout > pool_timeout(pool_name):
+            problems.append(f"{where}.job_timeout: {timeout:g}s is above pool {pool_name!r}'s job_timeout "
+                            f"{pool_timeout(pool_name):g}s")
     tenants = data.get("tenants") if isinstance(data.get("tenants"), dict) else {}
     assert isinstance(tenants, dict)
     for tenant_id, quota in tenants.items():
@@ -190,7 +395,9 @@ def _reference_problems(data: dict[str, Any]) -> list[str]:
             problems.append(f"{where}: tenant id must match {NAME_PATTERN}")
         if not isinstance(quota, dict):
             continue
-        pool_name = quota.get("pool") or default_pool
+        if quota.get("plan") is not None and quota.get("plan") not in plans:
+            problems.append(f"{where}.plan: names plan {quota.get('plan')!r}, which is not defined")
+        pool_name = quota.get("pool") or plan_pool(quota.get("plan")) or plan_pool(default_plan) or default_pool
         if pool_name not in pools:
             if quota.get("pool") is not None:
                 problems.append(f"{where}.pool: names pool {pool_name!r}, which is not defined")
@@ -199,7 +406,6 @@ def _reference_problems(data: dict[str, Any]) -> list[str]:
         if timeout is not None and timeout > pool_timeout(pool_name):
             problems.append(f"{where}.job_timeout: {timeout:g}s is above pool {pool_name!r}'s job_timeout "
                             f"{pool_timeout(pool_name):g}s")
-    defaults = data.get("tenant_defaults")
     default_timeout = _as_number(defaults.get("job_timeout")) if isinstance(defaults, dict) else None
     if default_timeout is not None:
         for pool_name in pools:

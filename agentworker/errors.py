@@ -87,11 +87,16 @@ WIRE_ERRORS: dict[str, str] = {
     "ModelTimeout": "The chat model did not answer within its timeout.",
     "ModelSpecError": "The model name or its settings cannot be used.",
     "ModelProviderMissing": "The model's provider package is not installed on the worker.",
+    "LlmCallTooLarge": "A model call whose estimated tokens alone are over the tenant's whole `llm_tokens` "
+                       "budget: it can never run.",
 }
 
 #: ``module.Class`` -> why it does not derive from :class:`AgentWorkerError`: each is caught inside the
 #: package and turned into something else before a user could see it
 INTERNAL_ERRORS: dict[str, str] = {
+    "agentworker.jobs.JobDeferred": "the worker puts the job back in its queue, due later, without spending a "
+                                    "try (a `job_deferred` event)",
+    "agentworker.llm_budget.LlmBudgetExhausted": "a JobDeferred: the tenant's token budget has no room now",
     "agentworker.cli.CommandError": "the CLI's own exit path: `main` prints it as one line and exits with its "
                                     "code",
     "agentworker.jobs.UnreadableJob": "the job decoder's signal: the worker dead-letters the entry and reports "

@@ -116,6 +116,8 @@ class ModelSettings(_Settings):
     temperature: float | None = Field(default=None, ge=0, le=2)
     #: estimated tokens of conversation sent to the model; older turns are trimmed to fit
     context_tokens: int = Field(default=8000, ge=256, le=2_000_000)
+    #: most tokens of one answer (sent to the provider); also what an LLM budget reserves for the answer
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
 def _signing_secret(value: SecretStr) -> SecretStr:

@@ -104,16 +104,26 @@ async def release_holder(redis: Redis, holder: str, pool: str) -> int:
 
 def limits_fields(config: QuotaConfig, pool: str) -> dict[str, str]:
     """What the claim script reads of the tenants of ``pool``: ``"{max_concurrency} {weight} {max_pending}"``
-    (0 and -1 for none) per tenant the file names, and ``*`` for the others."""
+    (0 and -1 for none) per tenant the file names, ``*`` for the others, and ``plan:{name}`` per plan
+    (:func:`claim_layer`), which a tenant of the tenant store (``agentworker:tenant:{id}``) lays over."""
 
     def value(tenant: str | None) -> str:
-        limits = config.limits_of(tenant) if tenant is not None else config.tenant_defaults
+        limits = config.limits_of(tenant) if tenant is not None else config.default_limits
         pending = -1 if limits.max_pending is None else limits.max_pending
         return f"{limits.max_concurrency or 0} {limits.weight or 1:g} {pending}"
 
     fields = {tenant: value(tenant) for tenant in config.tenants if config.pool_of(tenant) == pool}
     fields["*"] = value(None)
+    for name, plan in config.plans.items():  # every pool: a stored tenant may take any plan
+        fields[f"plan:{name}"] = claim_layer(plan.max_concurrency, plan.weight, plan.max_pending)
     return fields
+
+
+def claim_layer(max_concurrency: int | None, weight: float | None, max_pending: int | None) -> str:
+    """A layer of limits over the file's for the claim script: ``"{max_concurrency} {weight}
+    {max_pending}"`` with ``-`` for a key the layer does not set (a plan; a tenant's stored overrides)."""
+    return " ".join("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+                    for v in (max_concurrency, weight, max_pending))
 
 
 def quota_file_version(path: str | os.PathLike[str] | None) -> int:

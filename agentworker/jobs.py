@@ -58,6 +58,18 @@ def retry_key(job_id: str) -> str:
     return retry_key_prefix + job_id
 
 
+class JobDeferred(Exception):
+    """Raised inside a job that must wait for a resource (a tenant's LLM token budget): the job goes back
+    to its queue, due in ``retry_after_s`` seconds, without spending a try, and is counted as deferred.
+    Nothing of the run is reported as failed. Outside the :class:`AgentWorkerError` tree on purpose: a
+    step's or a tool's ``except AgentWorkerError`` must not swallow it."""
+
+    def __init__(self, message: str, retry_after_s: float, *, reason: str = "deferred") -> None:
+        self.retry_after_s = max(0.0, float(retry_after_s))
+        self.reason = reason
+        super().__init__(message)
+
+
 class InvalidJob(AgentWorkerError, ValueError):
     """A job that cannot be enqueued as given (bad task name, key, or payload)."""
 

@@ -119,3 +119,63 @@ def run_sweeper_lock() -> str:
 def event_relay_lock() -> str:
     """Lock held by the one worker process relaying stale event outbox rows at a time."""
     return f"{PREFIX}:lock:event-relay"
+
+
+def tenant_record(tenant_id: str) -> str:
+    """Hash: the tenant's tenant-store entry as every process reads it (agentworker.tenants)."""
+    return f"{PREFIX}:tenant:{tenant_id}"
+
+
+def tenant_changes_channel() -> str:
+    """Pub/sub channel: a tenant id whose tenant-store entry just changed (drop it from caches)."""
+    return f"{PREFIX}:tenant-changes"
+
+
+def tenants_synced() -> str:
+    """String: the tenant store's change sequence number up to which Redis holds every record."""
+    return f"{PREFIX}:tenants:synced"
+
+
+def tenant_sync_lock() -> str:
+    """The lock of the process copying tenant-store changes into Redis."""
+    return f"{PREFIX}:lock:tenant-sync"
+
+
+def llm_token_log(tenant_id: str) -> str:
+    """Sorted set: the tenant's model-call reservations in its token window (call id -> time ms)."""
+    return f"{PREFIX}:llm:log:{tenant_id}"
+
+
+def llm_token_amounts(tenant_id: str) -> str:
+    """Hash: tokens of each reservation of :func:`llm_token_log` (call id -> tokens)."""
+    return f"{PREFIX}:llm:amounts:{tenant_id}"
+
+
+def llm_token_total(tenant_id: str) -> str:
+    """String: the sum of :func:`llm_token_amounts` (the tokens of the current window)."""
+    return f"{PREFIX}:llm:total:{tenant_id}"
+
+
+def llm_budget_exhausted(tenant_id: str) -> str:
+    """String with a TTL of one window: set when the tenant's budget was first found exhausted."""
+    return f"{PREFIX}:llm:exhausted:{tenant_id}"
+
+
+def llm_slots(tenant_id: str) -> str:
+    """Sorted set: the tenant's model calls in flight (call id -> lease expiry ms)."""
+    return f"{PREFIX}:llm:slots:{tenant_id}"
+
+
+def catalog_tasks() -> str:
+    """Hash: task names the workers serve -> when last published (ms) (agentworker.catalog)."""
+    return f"{PREFIX}:catalog:tasks"
+
+
+def catalog_tools() -> str:
+    """Hash: tool names the workers serve -> ``*`` or the tenants it is restricted to (agentworker.catalog)."""
+    return f"{PREFIX}:catalog:tools"
+
+
+def admission_refusals() -> str:
+    """Hash: jobs refused at admission, ``"{pool} {limit}"`` -> count (the enqueue and claim scripts)."""
+    return f"{PREFIX}:refusals"

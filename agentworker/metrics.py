@@ -9,6 +9,8 @@ the number of series stays bounded however many tenants there are.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from agentworker.config import QuotaConfig
@@ -20,7 +22,8 @@ _WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 
 JOBS_TOTAL = Counter(
     "agentworker_jobs_total", "Jobs finished, by outcome (success, failure, timeout, rejected, retry, "
-    "cancelled, poisoned, tries_exhausted, unreadable).", ["pool", "task", "outcome"])
+    "cancelled, deferred, poisoned, tries_exhausted, unreadable); task: other for a task the worker does not "
+    "serve.", ["pool", "task", "outcome"])
 JOB_DURATION = Histogram(
     "agentworker_job_duration_seconds", "Time jobs ran, from start to finish.", ["pool", "task"],
     buckets=_DURATION_BUCKETS)
@@ -36,7 +39,8 @@ TENANT_JOBS_IN_PROGRESS = Gauge(
     "agentworker_tenant_jobs_in_progress", "Jobs running now per tenant named in the quota file.",
     ["pool", "tenant"], multiprocess_mode="livesum")
 JOBS_DEFERRED = Counter(
-    "agentworker_jobs_deferred_total", "Job starts put off because the tenant was at its max_concurrency.",
+    "agentworker_jobs_deferred_total", "Job starts put off: the tenant was at its max_concurrency, or a "
+    "running job went back to wait for the tenant's LLM budget.",
     ["pool", "tenant"])
 DEAD_LETTERS_TOTAL = Counter(
     "agentworker_dead_letters_total", "Queue entries moved to the pool's dead letters, by reason (non_utf8_id, "
@@ -54,8 +58,40 @@ LLM_REQUEST_DURATION = Histogram(
     "agentworker_llm_request_duration_seconds", "Time chat model calls took.", ["provider", "model"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60))
 LLM_TOKENS_TOTAL = Counter(
-    "agentworker_llm_tokens_total", "Tokens reported by providers (kind: input, output).",
-    ["provider", "model", "kind"])
+    "agentworker_llm_tokens_total", "Tokens reported by providers (kind: input, output); tenant: a tenant the "
+    "quota file names, else other.", ["provider", "model", "kind", "tenant"])
+LLM_BUDGET_REMAINING = Gauge(
+    "agentworker_llm_budget_remaining_tokens", "Tokens left in the tenant's llm_tokens window, as of its last "
+    "model call in this process (tenants the quota file names).", ["tenant"], multiprocess_mode="mostrecent")
+LLM_BUDGET_EXHAUSTED = Counter(
+    "agentworker_llm_budget_exhausted_total", "Model calls refused because the tenant's llm_tokens budget had "
+    "no room (each defers its job).", ["tenant"])
+LLM_SLOT_WAIT = Histogram(
+    "agentworker_llm_slot_wait_seconds", "Time model calls waited for one of the tenant's llm_concurrency "
+    "slots.", ["tenant"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+
+
+#: every ``outcome`` of agentworker_jobs_total (a worker creates each series at 0 when it starts)
+JOB_OUTCOMES = ("success", "failure", "timeout", "rejected", "retry", "cancelled", "deferred", "poisoned",
+                "tries_exhausted", "unreadable")
+
+
+def zero_job_series(pool: str, tasks: Collection[str], tenants: Collection[str]) -> None:
+    """Create the job counters' series at 0, so a fresh deploy shows 0 rather than "No data"."""
+    for outcome in JOB_OUTCOMES:
+        for task in (*tasks, OTHER_TASK):
+            JOBS_TOTAL.labels(pool, task, outcome)
+        for tenant in (*tenants, OTHER_TENANT):
+            TENANT_JOBS_TOTAL.labels(pool, tenant, outcome)
+
+
+#: the ``task`` label of a job whose task this worker does not serve (a producer's mistake, or a hostile
+#: one's flood of made-up names: they must not each make a series)
+OTHER_TASK = "other"
+
+
+def task_label(known: Collection[str], task: str | None) -> str:
+    return task if task is not None and task in known else OTHER_TASK
 
 
 def tenant_label(config: QuotaConfig, tenant_id: str | None) -> str:

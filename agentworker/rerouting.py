@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
 from agentworker import keys
-from agentworker.config import PoolQuota, QuotaConfig, TenantQuota
+from agentworker.config import PlanQuota, PoolQuota, QuotaConfig, StoredTenant, TenantQuota
 from agentworker.job_leases import lua_source
 from agentworker.logs import get_logger
 from agentworker.routing import InvalidTenantId, Route, route_tenant
+
+if TYPE_CHECKING:  # the directory is handed in: agentworker.tenants moves jobs with this module
+    from agentworker.tenants import TenantDirectory
 
 __all__ = ["STRAY_SCAN_PER_SET", "config_of_routing_table", "move_tenant", "reroute", "reroute_strays"]
 
@@ -43,15 +46,17 @@ SCAN_PAGE = 500
 STRAY_SCAN_PER_SET = 2_000
 
 Shard = tuple[str, int]
+#: a config any valid tenant id routes in (to tell valid ids)
+_ANY_POOL = QuotaConfig(pools={"any": PoolQuota(shards=1)}, default_pool="any")
 
 
 def _shards(config: QuotaConfig) -> set[Shard]:
     return {(pool, shard) for pool, quota in config.pools.items() for shard in range(quota.shards)}
 
 
-def _route_or_none(config: QuotaConfig, tenant_id: str) -> Route | None:
+def _route_or_none(config: QuotaConfig, tenant_id: str, stored: StoredTenant | None = None) -> Route | None:
     try:
-        return route_tenant(config, tenant_id)
+        return route_tenant(config, tenant_id, stored)
     except (InvalidTenantId, KeyError):  # an id adopted from an inbox that is not a valid tenant id
         return None
 
@@ -82,6 +87,15 @@ async def move_tenant(redis: Redis, tenant_id: str, pool: str, shard: int, to: R
     return _logged(tenant_id, pool, shard, to, int(moved))
 
 
+async def _stored(directory: TenantDirectory | None, tenant_ids: Iterable[str]) -> dict[str, StoredTenant | None]:
+    """The tenant-store entries of ``tenant_ids`` (one round trip for those not cached; {} without a
+    directory)."""
+    if directory is None:
+        return {}
+    valid = [t for t in tenant_ids if _route_or_none(_ANY_POOL, t) is not None]
+    return await directory.get_many(valid)
+
+
 async def _move_batch(redis: Redis, pool: str, shard: int, moves: list[tuple[str, Route]]) -> int:
     """Move several tenants out of one shard in one round trip."""
     if not moves:
@@ -95,20 +109,24 @@ async def _move_batch(redis: Redis, pool: str, shard: int, moves: list[tuple[str
                                                                                                strict=True))
 
 
-def _strays(config: QuotaConfig, pool: str, shard: int, members: Iterable[Any]) -> list[tuple[str, Route]]:
-    """The tenants among ``members`` of a state set of (pool, shard) that ``config`` routes elsewhere."""
+async def _strays(config: QuotaConfig, pool: str, shard: int, members: Iterable[Any],
+                  directory: TenantDirectory | None) -> list[tuple[str, Route]]:
+    """The tenants among ``members`` of a state set of (pool, shard) that ``config`` (and their
+    tenant-store entries) route elsewhere."""
     here = keys.queue(pool, shard)
     moves = []
-    for member in members:
-        tenant_id = member.decode() if isinstance(member, bytes) else str(member)
-        route = _route_or_none(config, tenant_id)
+    tenant_ids = [member.decode() if isinstance(member, bytes) else str(member) for member in members]
+    stored = await _stored(directory, tenant_ids)
+    for tenant_id in tenant_ids:
+        route = _route_or_none(config, tenant_id, stored.get(tenant_id))
         if route is not None and route.queue != here:
             moves.append((tenant_id, route))
     return moves
 
 
 async def _sweep_shard(redis: Redis, config: QuotaConfig, pool: str, shard: int, *, limit: int | None = None,
-                       cursors: MutableMapping[str, int] | None = None) -> int:
+                       cursors: MutableMapping[str, int] | None = None,
+                       directory: TenantDirectory | None = None) -> int:
     """Move the tenants with queued work in (pool, shard) that ``config`` routes elsewhere.
 
     ``limit``: examine at most that many tenants per state set, resuming from ``cursors`` (ZSCAN cursors
@@ -122,7 +140,8 @@ async def _sweep_shard(redis: Redis, config: QuotaConfig, pool: str, shard: int,
             page = SCAN_PAGE if limit is None else max(1, min(SCAN_PAGE, limit - examined))
             cursor, items = await redis.zscan(key, cursor, count=page)
             examined += len(items)
-            moved += await _move_batch(redis, pool, shard, _strays(config, pool, shard, (m for m, _ in items)))
+            strays = await _strays(config, pool, shard, (m for m, _ in items), directory)
+            moved += await _move_batch(redis, pool, shard, strays)
             if cursor == 0 or (limit is not None and examined >= limit):
                 break
         if cursors is not None:
@@ -130,7 +149,8 @@ async def _sweep_shard(redis: Redis, config: QuotaConfig, pool: str, shard: int,
     return moved
 
 
-async def _move_inbox(redis: Redis, config: QuotaConfig, pool: str, shard: int) -> int:
+async def _move_inbox(redis: Redis, config: QuotaConfig, pool: str, shard: int,
+                      directory: TenantDirectory | None = None) -> int:
     """Move the inbox entries of a shard ``config`` no longer has to their tenants' new shards' inboxes."""
     inbox = keys.queue(pool, shard)
     script = redis.register_script(lua_source("move_inbox"))
@@ -139,9 +159,11 @@ async def _move_inbox(redis: Redis, config: QuotaConfig, pool: str, shard: int) 
     while True:
         cursor, items = await redis.zscan(inbox, cursor, count=SCAN_PAGE)
         args: list[str] = []
-        for member, _score in items:
-            job_id = member.decode(errors="replace") if isinstance(member, bytes) else str(member)
-            route = _route_or_none(config, job_id.split(":", 1)[0])
+        ids = [member.decode(errors="replace") if isinstance(member, bytes) else str(member) for member, _ in items]
+        stored = await _stored(directory, {job_id.split(":", 1)[0] for job_id in ids})
+        for job_id in ids:
+            tenant_id = job_id.split(":", 1)[0]
+            route = _route_or_none(config, tenant_id, stored.get(tenant_id))
             if route is None:
                 stuck += 1
                 continue
@@ -159,37 +181,45 @@ async def _move_inbox(redis: Redis, config: QuotaConfig, pool: str, shard: int) 
 
 
 def _changed_shards(old: QuotaConfig, new: QuotaConfig) -> list[Shard]:
-    """The old shards where tenants the new file does not name may no longer belong."""
+    """The old shards where tenants the new file does not name may no longer belong: all of them when a
+    plan's pool or the default plan changed (tenant-store tenants of any shard may take a plan)."""
+    plans_moved = ({n: p.pool for n, p in old.plans.items()} != {n: p.pool for n, p in new.plans.items()}
+                   or old.default_tenant_pool != new.default_tenant_pool)
     changed = []
     for pool, quota in sorted(old.pools.items()):
         now = new.pools.get(pool)
-        if now is None or now.shards != quota.shards or (pool == old.default_pool != new.default_pool):
+        if plans_moved or now is None or now.shards != quota.shards or (pool == old.default_pool != new.default_pool):
             changed += [(pool, shard) for shard in range(quota.shards)]
     return changed
 
 
-async def reroute(redis: Redis, old: QuotaConfig, new: QuotaConfig) -> int:
-    """Move the queued jobs of every tenant whose route differs between ``old`` and ``new`` to its new
-    queue; return how many jobs moved. Safe to repeat: what has moved already is not moved again."""
+async def reroute(redis: Redis, old: QuotaConfig, new: QuotaConfig, *,
+                  directory: TenantDirectory | None = None) -> int:
+    """Move the queued jobs of every tenant whose route differs between ``old`` and ``new`` (each under
+    its tenant-store entry, read through ``directory``) to its new queue; return how many jobs moved.
+    Safe to repeat: what has moved already is not moved again."""
     moved = 0
     moves: dict[Shard, list[tuple[str, Route]]] = {}
-    for tenant_id in sorted(set(old.tenants) | set(new.tenants)):
-        before, after = _route_or_none(old, tenant_id), route_tenant(new, tenant_id)
+    named = sorted(set(old.tenants) | set(new.tenants))
+    stored = await _stored(directory, named)
+    for tenant_id in named:
+        entry = stored.get(tenant_id)
+        before, after = _route_or_none(old, tenant_id, entry), route_tenant(new, tenant_id, entry)
         if before is not None and before.queue != after.queue:
             moves.setdefault((before.pool, before.shard), []).append((tenant_id, after))
     for (pool, shard), batch in sorted(moves.items()):
         moved += await _move_batch(redis, pool, shard, batch)
     new_shards = _shards(new)
     for pool, shard in _changed_shards(old, new):
-        moved += await _sweep_shard(redis, new, pool, shard)
+        moved += await _sweep_shard(redis, new, pool, shard, directory=directory)
         if (pool, shard) not in new_shards:
-            moved += await _move_inbox(redis, new, pool, shard)
+            moved += await _move_inbox(redis, new, pool, shard, directory)
     return moved
 
 
 async def reroute_strays(redis: Redis, config: QuotaConfig, *, shards: Iterable[Shard] = (),
                          cursors: MutableMapping[str, int] | None = None,
-                         limit: int = STRAY_SCAN_PER_SET) -> int:
+                         limit: int = STRAY_SCAN_PER_SET, directory: TenantDirectory | None = None) -> int:
     """The safety net: in every shard of ``config`` and of ``shards`` (those of earlier files), move the
     tenants with queued work that ``config`` routes elsewhere, and empty the inboxes of shards ``config``
     no longer has. Examines at most ``limit`` tenants per state set of a shard; keep ``cursors`` between
@@ -197,9 +227,9 @@ async def reroute_strays(redis: Redis, config: QuotaConfig, *, shards: Iterable[
     current = _shards(config)
     moved = 0
     for pool, shard in sorted(current | set(shards)):
-        moved += await _sweep_shard(redis, config, pool, shard, limit=limit, cursors=cursors)
+        moved += await _sweep_shard(redis, config, pool, shard, limit=limit, cursors=cursors, directory=directory)
         if (pool, shard) not in current:
-            moved += await _move_inbox(redis, config, pool, shard)
+            moved += await _move_inbox(redis, config, pool, shard, directory)
     return moved
 
 
@@ -214,6 +244,8 @@ def config_of_routing_table(raw: bytes | str | None) -> QuotaConfig | None:
             default_pool=table["default_pool"],
             pools={name: PoolQuota(shards=int(pool["shards"])) for name, pool in table["pools"].items()},
             tenants={tenant: TenantQuota(pool=pool) for tenant, pool in table["tenants"].items()},
+            plans={name: PlanQuota(pool=plan.get("pool")) for name, plan in (table.get("plans") or {}).items()
+                   if isinstance(plan, dict) and (plan.get("pool") is None or plan.get("pool") in table["pools"])},
         )
     except (ValueError, TypeError, KeyError, AttributeError):
         return None

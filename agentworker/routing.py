@@ -7,8 +7,9 @@ The rule is a contract with backends written in any language, so it is spelled o
    (default 64-byte digest size, no key, no salt) of the UTF-8 tenant id;
 3. ``shard = jump_consistent_hash(key, shards)`` (Lamping & Veach, 2014, "A Fast, Minimal Memory,
    Consistent Hash Algorithm");
-4. the queue is ``agentworker:queue:{pool}:{shard}``; the pool is the tenant's own in the quota file,
-   else ``default_pool``.
+4. the queue is ``agentworker:queue:{pool}:{shard}``; the pool is the tenant's in the tenant store
+   (``pool`` of its record ``agentworker:tenant:{id}``, :mod:`agentworker.tenants`), else its own in
+   the quota file, else its plan's, else the default plan's, else ``default_pool``.
 
 ``tests/data/routing_vectors.json`` holds reference answers for other implementations to check against.
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentworker import keys
-from agentworker.config import NAME_PATTERN, QuotaConfig, TenantLimits
+from agentworker.config import NAME_PATTERN, QuotaConfig, StoredTenant, TenantLimits
 from agentworker.errors import AgentWorkerError
 
 _TENANT_RE = re.compile(NAME_PATTERN)
@@ -86,10 +87,11 @@ class Route:
         return keys.tenant_queue(self.pool, self.shard, self.tenant_id)
 
 
-def route_tenant(config: QuotaConfig, tenant_id: str) -> Route:
-    """Where the jobs of ``tenant_id`` go under ``config``."""
+def route_tenant(config: QuotaConfig, tenant_id: str, stored: StoredTenant | None = None) -> Route:
+    """Where the jobs of ``tenant_id`` go under ``config`` (and its tenant-store entry, if it has one:
+    :mod:`agentworker.tenants`)."""
     validate_tenant_id(tenant_id)
-    pool = config.pool_of(tenant_id)
+    pool = config.pool_of(tenant_id, stored)
     shard = shard_of(tenant_id, config.pools[pool].shards)
     return Route(tenant_id=tenant_id, pool=pool, shard=shard, queue=keys.queue(pool, shard))
 
@@ -114,7 +116,7 @@ def routing_table(config: QuotaConfig) -> dict[str, Any]:
         "rule": "shard = jump_consistent_hash(be_uint64(blake2b_512(utf8(tenant_id))[0:8]), shards)",
         "queue_format": keys.QUEUE_FORMAT,
         "tenant_pattern": NAME_PATTERN,
-        "default_pool": config.default_pool,
+        "default_pool": config.default_tenant_pool,
         "pools": {
             name: {"shards": pool.shards, "queues": [keys.queue(name, s) for s in range(pool.shards)]}
             for name, pool in sorted(config.pools.items())
@@ -125,7 +127,9 @@ def routing_table(config: QuotaConfig) -> dict[str, Any]:
         "tenant_limits": {
             tenant_id: _published_limits(config.limits_of(tenant_id)) for tenant_id in sorted(config.tenants)
         },
-        "tenant_defaults": _published_limits(config.tenant_defaults),
+        "tenant_defaults": _published_limits(config.default_limits),
+        # the keys each plan sets (None: not set by the plan), for tenants of the tenant store
+        "plans": {name: {"pool": plan.pool, **_published_limits(plan)} for name, plan in sorted(config.plans.items())},
     }
 
 

@@ -18,9 +18,11 @@ start workflow runs (polling sources, webhooks). So one code path makes the job 
 :meth:`AgentWorkerClient.close <agentworker.client.AgentWorkerClient.close>` closes only the client
 :meth:`~agentworker.client.AgentWorkerClient.from_settings` made for it.
 
-The submitter reads the quota file's routing and limits from :attr:`JobSubmitter.config`, which its owner
-replaces when the file changes (the client does on its own checks; a worker builds a submitter on its
-current config where it needs one: they are cheap).
+The submitter reads the quota file's routing and limits from :attr:`JobSubmitter.config`, laid under
+each tenant's tenant-store entry (:attr:`JobSubmitter.tenants`, a cache of at most half a second without
+a change listener: :mod:`agentworker.tenants`), and its owner replaces the config when the file
+changes (the client does on its own checks; a worker builds a submitter on its current config where it
+needs one: they are cheap).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from agentworker import jobs
 from agentworker.admission import Admission, Enqueuer
 from agentworker.config import QuotaConfig
 from agentworker.errors import AgentWorkerError
-from agentworker.routing import Route, route_tenant
+from agentworker.routing import Route, route_tenant, validate_tenant_id
+from agentworker.tenants import TenantDirectory
 
 #: ARQ's margin after a job's due time before its record expires unclaimed (1 day).
 JOB_EXPIRY_MS = 86_400_000
@@ -66,10 +69,13 @@ class JobSubmitter:
     """Routes, checks and admits jobs on a borrowed Redis client (see the module's docstring)."""
 
     def __init__(self, redis: Redis, config: QuotaConfig, *,
-                 max_payload_bytes: int = jobs.DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+                 max_payload_bytes: int = jobs.DEFAULT_MAX_PAYLOAD_BYTES,
+                 tenants: TenantDirectory | None = None) -> None:
         self.redis = redis
         #: routing and tenant limits; replaced by the owner when the quota file changes
         self.config = config
+        #: tenants' stored entries (plans, overrides), which lay over the file's (agentworker.tenants)
+        self.tenants = tenants if tenants is not None else TenantDirectory(redis)
         self.max_payload_bytes = max_payload_bytes
         self._enqueuer = Enqueuer(redis)
 
@@ -97,14 +103,16 @@ class JobSubmitter:
             raise jobs.InvalidJob(f"payload must be a dict of the task's keyword arguments (a JSON object), "
                                   f"not {type(payload).__name__}")
         config = self.config  # one config for the whole call, even if the owner swaps it meanwhile
-        route = route_tenant(config, tenant_id)
+        validate_tenant_id(tenant_id)
+        stored = await self.tenants.get(tenant_id)
+        route = route_tenant(config, tenant_id, stored)
         body = dict(payload or {})
         body.setdefault("tenant_id", tenant_id)
         jobs.check_payload(body, tenant_id, self.max_payload_bytes)
 
         now_ms = int(time.time() * 1000)
         score_ms = now_ms + defer_ms(defer, now_ms)
-        limits = config.limits_of(tenant_id)
+        limits = config.limits_of(tenant_id, stored)
         admitted = await self._enqueuer.enqueue(
             job_id=job_id, tenant_id=tenant_id, pool=route.pool, shard=route.shard,
             job_bytes=jobs.encode_job(task, body, now_ms), score_ms=score_ms,

@@ -93,6 +93,16 @@ class FakeOpenAI:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        #: one (time served, Authorization header, total tokens reported) per answered request
+        self.served: list[tuple[float, str | None, int]] = []
+        #: requests being answered now, and the most seen at once, per Authorization header
+        self.in_flight: dict[str | None, int] = {}
+        self.max_in_flight: dict[str | None, int] = {}
+        #: usage from the request's size (characters / 4, like a tokenizer would roughly count) rather than
+        #: a fixed 11 tokens a message
+        self.usage_by_size = False
+        #: seconds a request of the model ``slow`` takes
+        self.slow_seconds = 1.5
         self.base_url = ""
         self._runner: web.AppRunner | None = None
         self._release = asyncio.Event()
@@ -113,6 +123,15 @@ class FakeOpenAI:
             await self._runner.cleanup()
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
+        who = request.headers.get("Authorization")
+        self.in_flight[who] = self.in_flight.get(who, 0) + 1
+        self.max_in_flight[who] = max(self.max_in_flight.get(who, 0), self.in_flight[who])
+        try:
+            return await self._answer(request, who)
+        finally:
+            self.in_flight[who] -= 1
+
+    async def _answer(self, request: web.Request, who: str | None) -> web.StreamResponse:
         body = await request.json()
         self.requests.append({"model": body.get("model"), "stream": bool(body.get("stream")),
                               "messages": body["messages"], "authorization": request.headers.get("Authorization"),
@@ -121,9 +140,16 @@ class FakeOpenAI:
         if body.get("model") == "hang":
             await self._release.wait()  # until the test ends
             return web.json_response({"error": {"message": "stopped"}}, status=503)
+        if body.get("model") == "slow":
+            await asyncio.sleep(self.slow_seconds)
         reply = scripted_reply(body)
         usage = {"prompt_tokens": 11 * len(body["messages"]), "completion_tokens": 7,
                  "total_tokens": 11 * len(body["messages"]) + 7}
+        if self.usage_by_size:
+            prompt = sum(len(_text(m.get("content"))) // 4 + 4 for m in body["messages"])
+            completion = len(reply.content or json.dumps(reply.tool_calls)) // 4 + 1
+            usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        self.served.append((time.time(), who, usage["total_tokens"]))
         if body.get("stream"):
             return await self._stream(request, body, reply, usage)
         message: dict[str, Any] = {"role": "assistant", "content": reply.content}

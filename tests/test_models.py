@@ -45,8 +45,9 @@ async def test_the_openai_client_gets_tool_calls_text_and_usage_from_the_endpoin
     assert [(r["stream"], r["authorization"]) for r in fake_openai.requests] == [(streaming, "Bearer sk-test-key")] * 2
     assert sample("agentworker_llm_requests_total", provider="openai", model=name, outcome="success") == 2
     assert sample("agentworker_llm_request_duration_seconds_count", provider="openai", model=name) == 2
-    assert sample("agentworker_llm_tokens_total", provider="openai", model=name, kind="input") == 22
-    assert sample("agentworker_llm_tokens_total", provider="openai", model=name, kind="output") == 14
+    # no tenant given: the tokens count under the "other" tenant label
+    assert sample("agentworker_llm_tokens_total", provider="openai", model=name, kind="input", tenant="other") == 22
+    assert sample("agentworker_llm_tokens_total", provider="openai", model=name, kind="output", tenant="other") == 14
 
 
 async def test_a_hanging_endpoint_is_cut_at_the_timeout_and_counted(fake_openai: Any) -> None:

@@ -46,6 +46,7 @@ async def test_a_failing_source_backs_off_exponentially_up_to_its_cap_and_recove
     feed.add("a", "b", "c")
     feed.failing = True
     async with workflow_client(redis_url, quota_file, database) as client:
+        await client.save_workflow(tenant, ON_ITEM)  # a schedule may only name a saved workflow
         await client.save_schedule(tenant, poll_schedule(feed, backoff_initial_seconds=2, backoff_max_seconds=5))
 
         async def poll_and_backoff() -> tuple[int, float]:

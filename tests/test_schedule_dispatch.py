@@ -41,6 +41,8 @@ async def test_the_client_saves_lists_enables_disables_and_deletes_schedules(
         assert saved["kind"] == "task" and saved["enabled"] and saved["dispatched_count"] == 0
         due = datetime.fromisoformat(saved["next_due_at"])
         assert due.second % 5 == 0 and due > datetime.now(due.tzinfo) - timedelta(seconds=1)
+        await client.save_workflow(tenant, {"id": "w", "steps": [{"id": "a", "kind": "transform",
+                                                                    "template": {"x": 1}}]})
         await client.save_schedule(tenant, {"id": "feed", "cron": "*/10 * * * *", "poll": {
             "url": "https://feed.example/items", "workflow_id": "w", "headers": {"Authorization": "Bearer s3cret"}}})
         listed = await client.list_schedules(tenant)

@@ -74,3 +74,35 @@ async def test_two_supervisors_starting_and_stopping_dispatch_each_due_time_exac
     assert stopped["every-second"] >= 8
     assert_each_due_time_once(await ticks(redis, tenant, "every-second"), 1)
     assert_each_due_time_once(await ticks(redis, tenant, "every-2s"), 2)
+
+
+@pytest.mark.timeout(120)
+async def test_a_schedule_whose_jobs_fail_shows_it_and_a_success_clears_it(
+        redis: Redis, redis_url: str, write_quotas: Callable[..., Path], database_url: str, database: Database,
+        start_supervisor: Callable[..., SupervisorProcess], schedule_tenant: Callable[..., str]) -> None:
+    tenant = schedule_tenant()
+    await redis.set(f"probe:fail:{tenant}", 1)
+    path = write_quotas({"pools": {"standard": {"shards": 1, "processes": 1, "concurrency": 5, "max_tries": 1}}})
+    async with workflow_client(redis_url, path, database) as client:
+        await client.save_schedule(tenant, {"id": "nightly", "cron": "* * * * * *", "task": "failing_tick",
+                                            "payload": {"due_at": "{{ due_at }}"}})
+        sup = start_supervisor(path, **schedule_worker_env(database_url))
+        await sup.wait_ready()
+
+        async def failed_twice() -> bool:
+            schedule = await client.get_schedule(tenant, "nightly")
+            return schedule is not None and schedule["failures"] >= 2
+
+        await wait_for(failed_twice, 60, what="the schedule to show its failing jobs", interval=0.2)
+        schedule = await client.get_schedule(tenant, "nightly")
+        assert schedule is not None
+        assert schedule["last_error"].startswith(f"job {tenant}:failing_tick:sched-nightly-")
+        assert "RuntimeError: the report for" in schedule["last_error"]
+
+        await redis.delete(f"probe:fail:{tenant}")  # fixed: its next job completes
+
+        async def cleared() -> bool:
+            schedule = await client.get_schedule(tenant, "nightly")
+            return schedule is not None and schedule["failures"] == 0 and schedule["last_error"] is None
+
+        await wait_for(cleared, 60, what="a completed job to clear the failures", interval=0.2)

@@ -172,3 +172,15 @@ def test_what_each_kind_of_schedule_enqueues_for_a_due_time() -> None:
     poll = parse_schedule({"id": "p", "cron": "0 8 * * *", "poll": {"url": "https://f.example/x", "workflow_id": "w"}})
     assert target_of(poll, due) == ("poll_source", {"schedule_id": "p", "due_at": "2026-05-01T08:00:00+00:00"})
     assert job_key("t", due) == "sched-t-1777622400"
+
+
+def test_every_problem_of_a_schedule_is_reported_at_once() -> None:
+    with pytest.raises(InvalidSchedule) as info:
+        parse_schedule({"id": "s", "cron": "61 * * * *", "task": "echo", "workflow_id": "w",
+                        "missed_policy": "never", "payload": {"tenant_id": "x"}})
+    errors = info.value.errors
+    assert errors[0].startswith("missed_policy:")  # the schema
+    assert any("61" in e for e in errors), errors  # the cron expression, in the same report
+    assert "give exactly one of task, workflow_id or poll (got task, workflow_id)" in errors  # the target
+    assert "payload must not set tenant_id: it is the schedule's tenant" in errors
+    assert str(info.value).startswith("invalid schedule 's': missed_policy:")

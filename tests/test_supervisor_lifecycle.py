@@ -322,6 +322,11 @@ async def test_a_redis_outage_fails_readiness_not_liveness_and_nothing_restarts(
             health_codes.append((await sup.request("/health"))[0])
             await asyncio.sleep(0.5)
         assert set(health_codes) == {200}
+        # the queue series stay (with their last values) while Redis is down: dashboards keep a line,
+        # and agentworker_redis_up says why nothing moves
+        during = await sup.metrics()
+        assert ("agentworker_queue_depth", frozenset({("pool", "standard"), ("shard", "0")})) in during
+        assert during[("agentworker_redis_up", frozenset())] == 0
 
         server.start()
         await wait_for(lambda: _ready(sup), 30, what="/ready to pass again", interval=0.2)

@@ -82,6 +82,20 @@ def test_every_problem_is_listed_at_once() -> None:
     assert errors == ["steps[0].depends_on[0]: unknown step 'x'", "steps[1].depends_on[0]: unknown step 'y'"]
 
 
+def test_schema_graph_cycle_and_template_problems_come_in_one_report() -> None:
+    errors = _errors({"id": "w", "steps": [
+        {"id": "a", "kind": "http", "url": "https://x.example", "method": "FETCH", "depends_on": ["c"]},
+        _step("b", ["a", "ghost"]),
+        _step("c", ["b"], template={"v": "{{ steps.d.output }}"}),
+        {"id": "d", "kind": "teleport"},
+    ]})
+    assert any(e.startswith("steps[0].method:") for e in errors), errors  # the schema
+    assert "steps[1].depends_on[1]: unknown step 'ghost'" in errors  # a dependency
+    assert any(e.startswith("steps[0].depends_on: cycle a -> c -> b -> a") for e in errors), errors  # a cycle
+    assert any(e.startswith("steps[2].template.v: template") and "'d'" in e for e in errors), errors  # a template
+    assert any(e.startswith("steps[3].kind: unknown kind 'teleport'") for e in errors), errors
+
+
 def test_templates_render_values_and_text_without_running_code() -> None:
     context = {"input": {"user": {"name": "Ada", "tags": ["x", "y"]}, "n": 3},
                "steps": {"a": {"items": [{"id": 7}]}}}

@@ -29,7 +29,7 @@ APP_ROLE = "agentworker_app"
 SCHEMA = "agentworker"
 TENANT_SETTING = "agentworker.tenant_id"
 #: The newest migration the code expects; older databases are refused with "run agentworker migrate".
-REQUIRED_MIGRATION = 5
+REQUIRED_MIGRATION = 7
 
 _log = get_logger("agentworker.db")
 
@@ -296,6 +296,8 @@ async def open_database(url: str, *, max_size: int = 10, connect_timeout: float 
         raise
     except asyncpg.InvalidAuthorizationSpecificationError as exc:
         raise DatabaseError(f"PostgreSQL at {shown} refused the login: {exc}") from None
+    except asyncpg.InvalidCatalogNameError as exc:
+        raise DatabaseError(f"PostgreSQL at {shown} has no such database: {exc}") from None
     except (asyncpg.InvalidParameterValueError, asyncpg.UndefinedObjectError) as exc:
         raise DatabaseNotMigrated(f"cannot act as role {APP_ROLE} on {shown} ({exc}); run `agentworker migrate` "
                                   f"and make the URL's user a member of {APP_ROLE}") from None

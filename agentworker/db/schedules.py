@@ -165,3 +165,17 @@ async def record_poll_failure(tx: TenantTransaction, schedule_id: str, *, failur
     await tx.execute(f"UPDATE {SCHEMA}.schedules SET failures = $2, last_error = $3, "
                      "backoff_until = clock_timestamp() + make_interval(secs => $4), updated_at = now() "
                      "WHERE schedule_id = $1", schedule_id, failures, error, backoff_seconds)
+
+
+async def record_job_failure(tx: TenantTransaction, schedule_id: str, error: str) -> None:
+    """A job a (task or workflow) schedule dispatched failed for good: count it and keep its error, so the
+    schedule shows it (``failures``, ``last_error``). No backoff: the next due time dispatches as usual."""
+    await tx.execute(f"UPDATE {SCHEMA}.schedules SET failures = failures + 1, last_error = $2, updated_at = now() "
+                     "WHERE schedule_id = $1 AND spec->'poll' IS NULL", schedule_id, error[:1000])
+
+
+async def record_job_success(tx: TenantTransaction, schedule_id: str) -> None:
+    """A job a (task or workflow) schedule dispatched completed: its failures are over (one write only
+    when there were some)."""
+    await tx.execute(f"UPDATE {SCHEMA}.schedules SET failures = 0, last_error = NULL, updated_at = now() "
+                     "WHERE schedule_id = $1 AND failures > 0 AND spec->'poll' IS NULL", schedule_id)

@@ -21,8 +21,10 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from agentworker.db import integrations as integration_rows
 from agentworker.graphs.agent_events import AgentEvents, pending_actions
 from agentworker.graphs.agent_middleware import ContextWindowMiddleware, ModelDeadlineMiddleware
+from agentworker.graphs.budget_callback import LlmBudgetCallback
 from agentworker.graphs.models import tenant_chat_model
 from agentworker.integrations import DEFAULT_NAME, ModelSettings
+from agentworker.metrics import OTHER_TENANT
 from agentworker.tools.scope import TenantScope
 from agentworker.tools.toolset import AgentToolset
 
@@ -64,8 +66,16 @@ class AgentModel:
 
 async def agent_model(env: TenantScope, override: str | None = None,
                       timeout: float | None = None) -> AgentModel:
+    """The one place a job's chat models are made (workflow ``llm`` steps, the chat and tool agents, the
+    router): the tenant's model settings (its key and endpoint; ``override`` a step's or a request's
+    model), its metrics label, and its LLM budget on every call (:mod:`agentworker.llm_budget`)."""
     settings = await load_model_settings(env)
-    model, spec = tenant_chat_model(settings, override=override, timeout=timeout)
+    spec = override or settings.model
+    budget = env.llm_budget
+    callbacks = [LlmBudgetCallback(budget, spec)] if budget is not None else []
+    model, spec = tenant_chat_model(settings, override=override, timeout=timeout,
+                                    tenant=budget.metric_tenant if budget is not None else OTHER_TENANT,
+                                    callbacks=callbacks)
     return AgentModel(model=model, spec=spec, settings=settings)
 
 

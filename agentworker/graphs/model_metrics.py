@@ -28,9 +28,10 @@ class LlmCallMetrics(BaseCallbackHandler):
     # Called in the event loop, not through a thread pool: it only touches in-process counters.
     run_inline = True
 
-    def __init__(self, provider: str, model: str) -> None:
+    def __init__(self, provider: str, model: str, tenant: str = metrics.OTHER_TENANT) -> None:
         self.provider = provider
         self.model = model
+        self.tenant = tenant
         self._started: dict[UUID, float] = {}
 
     def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[Any]], *, run_id: UUID,
@@ -39,11 +40,11 @@ class LlmCallMetrics(BaseCallbackHandler):
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         self._finish(run_id, "success")
-        input_tokens, output_tokens = _usage(response)
+        input_tokens, output_tokens = reported_usage(response)
         if input_tokens:
-            metrics.LLM_TOKENS_TOTAL.labels(self.provider, self.model, "input").inc(input_tokens)
+            metrics.LLM_TOKENS_TOTAL.labels(self.provider, self.model, "input", self.tenant).inc(input_tokens)
         if output_tokens:
-            metrics.LLM_TOKENS_TOTAL.labels(self.provider, self.model, "output").inc(output_tokens)
+            metrics.LLM_TOKENS_TOTAL.labels(self.provider, self.model, "output", self.tenant).inc(output_tokens)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._finish(run_id, "timeout" if is_timeout(error) else "error")
@@ -55,7 +56,7 @@ class LlmCallMetrics(BaseCallbackHandler):
             metrics.LLM_REQUEST_DURATION.labels(self.provider, self.model).observe(time.monotonic() - started)
 
 
-def _usage(response: LLMResult) -> tuple[int, int]:
+def reported_usage(response: LLMResult) -> tuple[int, int]:
     """(input, output) tokens from the message's usage metadata, else the provider's ``token_usage``."""
     for generations in response.generations:
         for generation in generations:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, BaseCallbackHandler, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolCall, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
@@ -37,6 +37,7 @@ from agentworker import egress
 from agentworker.errors import AgentWorkerError
 from agentworker.graphs.model_metrics import LlmCallMetrics
 from agentworker.integrations import MAX_TIMEOUT_SECONDS, ModelSettings
+from agentworker.metrics import OTHER_TENANT
 
 OFFLINE = "offline"
 DEFAULT_MAX_RETRIES = 2
@@ -152,10 +153,13 @@ def require_provider(provider: str, spec: str) -> None:
 
 def chat_model(spec: str | None = None, *, timeout: float = MAX_TIMEOUT_SECONDS,
                max_retries: int = DEFAULT_MAX_RETRIES, base_url: str | None = None, api_key: str | None = None,
-               streaming: bool = False, temperature: float | None = None) -> BaseChatModel:
-    """The chat model named ``spec`` (None or ``offline``: the offline model), instrumented."""
+               streaming: bool = False, temperature: float | None = None, max_tokens: int | None = None,
+               tenant: str = OTHER_TENANT,
+               callbacks: Sequence[BaseCallbackHandler] = ()) -> BaseChatModel:
+    """The chat model named ``spec`` (None or ``offline``: the offline model), instrumented (``tenant``:
+    the metrics' tenant label) and with ``callbacks`` (a tenant's LLM budget) on every call."""
     if spec is None or spec == OFFLINE:
-        return OfflineChatModel(callbacks=[LlmCallMetrics(OFFLINE, OFFLINE)])
+        return OfflineChatModel(callbacks=[LlmCallMetrics(OFFLINE, OFFLINE, tenant), *callbacks])
     provider, name = split_spec(spec)
     require_provider(provider, spec)
     options: dict[str, Any] = {"timeout": min(timeout, MAX_TIMEOUT_SECONDS),
@@ -176,10 +180,13 @@ def chat_model(spec: str | None = None, *, timeout: float = MAX_TIMEOUT_SECONDS,
             options["stream_usage"] = True  # token counts in the last chunk
     if temperature is not None:
         options["temperature"] = temperature
+    if max_tokens is not None and provider != "ollama":
+        options["max_tokens"] = max_tokens
     from langchain.chat_models import init_chat_model
 
     try:
-        model: BaseChatModel = init_chat_model(spec, callbacks=[LlmCallMetrics(provider, name)], **options)
+        model: BaseChatModel = init_chat_model(spec, callbacks=[LlmCallMetrics(provider, name, tenant), *callbacks],
+                                               **options)
         return model
     except ImportError as exc:
         raise ModelProviderMissing(f"model {spec!r} needs a provider package that is not installed: {exc}") from None
@@ -214,7 +221,8 @@ class _AsyncOnly(httpx.BaseTransport):
 
 
 def tenant_chat_model(settings: ModelSettings | None, *, override: str | None = None,
-                      timeout: float | None = None) -> tuple[BaseChatModel, str]:
+                      timeout: float | None = None, tenant: str = OTHER_TENANT,
+                      callbacks: Sequence[BaseCallbackHandler] = ()) -> tuple[BaseChatModel, str]:
     """The model of a tenant's settings (or ``override``, e.g. a workflow step's ``model``) and its spec.
 
     The settings' connection (base URL, key) goes with the override only when both name the same provider.
@@ -225,7 +233,8 @@ def tenant_chat_model(settings: ModelSettings | None, *, override: str | None = 
     limit = min(settings.timeout, timeout) if timeout else settings.timeout
     model = chat_model(
         spec, timeout=limit, max_retries=settings.max_retries, streaming=settings.streaming,
-        temperature=settings.temperature if same_provider else None,
+        temperature=settings.temperature if same_provider else None, max_tokens=settings.max_tokens,
         base_url=settings.base_url if same_provider else None,
-        api_key=settings.api_key.get_secret_value() if same_provider and settings.api_key else None)
+        api_key=settings.api_key.get_secret_value() if same_provider and settings.api_key else None,
+        tenant=tenant, callbacks=callbacks)
     return model, spec

@@ -14,7 +14,6 @@ import aiohttp
 from agentworker import egress
 from agentworker.errors import AgentWorkerError
 from agentworker.graphs import agent_step
-from agentworker.graphs.models import chat_model
 from agentworker.safe_yaml import DocumentRefused, check_value
 from agentworker.settings import InputLimits
 from agentworker.tools import builtin as _builtin_tools  # noqa: F401 - registers the built-in tools
@@ -65,7 +64,7 @@ async def _execute_kind(step: StepBase, values: Mapping[str, Any], run: RunConte
     if isinstance(step, HttpStep):
         return await _http(step, values, run)
     if isinstance(step, LlmStep):
-        return await _llm(step, values)
+        return await _llm(step, values, run)
     if isinstance(step, ToolStep):
         return await _tool(step, values, run)
     if isinstance(step, AgentStep):
@@ -125,16 +124,20 @@ async def _http(step: HttpStep, values: Mapping[str, Any], run: RunContext) -> A
     return await request(None)
 
 
-async def _llm(step: LlmStep, values: Mapping[str, Any]) -> Any:
+async def _llm(step: LlmStep, values: Mapping[str, Any], run: RunContext) -> Any:
     from langchain_core.messages import HumanMessage, SystemMessage
 
-    model = chat_model(step.model, timeout=step.timeout_seconds)
+    from agentworker.graphs.agent_runtime import agent_model
+
+    # The tenant's model settings (key, endpoint) and its LLM budget, as in the agents.
+    chosen = await agent_model(run.scope, step.model, timeout=step.timeout_seconds)
+    model = chosen.model
     messages: list[Any] = []
     if values.get("system"):
         messages.append(SystemMessage(content=str(values["system"])))
     messages.append(HumanMessage(content=str(values["prompt"])))
     answer = await model.ainvoke(messages)
-    return {"text": answer.text, "model": step.model or "offline"}
+    return {"text": answer.text, "model": chosen.spec}
 
 
 async def _tool(step: ToolStep, values: Mapping[str, Any], run: RunContext) -> Any:

@@ -26,6 +26,7 @@ from agentworker.db.database import DatabaseError
 from agentworker.db.runs import StepStatus
 from agentworker.graphs.run_context import RunContext
 from agentworker.graphs.step_kinds import PermanentStepError, execute
+from agentworker.jobs import JobDeferred
 from agentworker.workflows.definition import ApprovalStep, StepBase
 from agentworker.workflows.templates import TemplateError, render
 
@@ -111,8 +112,10 @@ async def _attempts(step: StepBase, run: RunContext, context: dict[str, Any]) ->
             async with deadline:
                 output = await execute(step, values, run)
             json.dumps(output)
-        except DatabaseError:
-            raise  # the job is retried; this attempt's row stays 'running' and is marked interrupted then
+        except (DatabaseError, JobDeferred):
+            # the job is retried (or waits for its tenant's LLM budget, no try spent); this attempt's row
+            # stays 'running' and is marked interrupted when the job runs again
+            raise
         except TimeoutError as exc:
             expired = deadline.expired()
             error = error_of(exc, f"step {step.id!r} timed out after {step.timeout_seconds:g}s" if expired else None)

@@ -8,7 +8,8 @@ a first response, newer ones at connect but with an hour's default. The deadline
 enforced here, through public aiohttp API only, so it holds on every aiohttp the package allows: a
 middleware marks connections busy while their request is handled, and a sweep every fraction of the
 timeout closes every other connection that has waited longer than the deadline. Request bodies are not
-covered (the supervisor's endpoints read none; a handler that reads one sets its own limits).
+covered: the one handler that reads a body (``PATCH /admin/tenants/{id}``) sets its own size and time
+limits (:mod:`agentworker.health.app`).
 
 **Malformed requests** (a bad request line, a header too long, an invalid header: aiohttp's
 ``HttpProcessingError``) are the client's mistake, answered ``400`` by aiohttp: they are logged as one

@@ -32,6 +32,19 @@ local function limits_of(tenant)
     local c, w, m = string.match(v, '^(%S+) (%S+) (%S+)$')
     cap, weight, max_pending = tonumber(c) or 0, tonumber(w) or 1, tonumber(m) or -1
   end
+  -- a tenant of the tenant store: its stored plan's keys, then its overrides, over the file's
+  local stored = redis.call('HMGET', '%AW%tenant:' .. tenant, 'plan', 'claim')
+  local layers = {}
+  if stored[1] and stored[1] ~= '' then layers[1] = redis.call('HGET', KEYS[9], 'plan:' .. stored[1]) end
+  if stored[2] then table.insert(layers, stored[2]) end
+  for _, layer in pairs(layers) do
+    if layer then
+      local c, w, m = string.match(layer, '^(%S+) (%S+) (%S+)$')
+      if c and c ~= '-' then cap = tonumber(c) or cap end
+      if w and w ~= '-' then weight = tonumber(w) or weight end
+      if m and m ~= '-' then max_pending = tonumber(m) or max_pending end
+    end
+  end
   if weight <= 0 then weight = 1 end
   limits[tenant] = {cap, weight, max_pending}
   return cap, weight, max_pending
@@ -66,6 +79,7 @@ for i = 1, #inbox, 2 do
     local pending = '%AW%pending:' .. tenant
     redis.call('ZREMRANGEBYSCORE', pending, '-inf', now)
     if max_pending >= 0 and redis.call('ZCARD', pending) >= max_pending then
+      redis.call('HINCRBY', '%AW%refusals', string.match(q, '^([^:]+):') .. ' max_pending', 1)
       table.insert(out, {'refused', id, 'tenant ' .. tenant .. ' is at its max_pending of ' .. max_pending})
     else
       local ttl = redis.call('PTTL', '%JOB%' .. id)

@@ -10,6 +10,8 @@
 --       8 wake-up channel agentworker:wakeup:{pool} ('' : none)   9 tenant id
 --       10 shard name agentworker:queue:{pool}:{shard} (the wake-up message)
 -- Due times are compared with Redis' clock (TIME): keep producers' clocks in sync with it (NTP).
+-- A refusal is counted in the hash agentworker:refusals ("{pool} max_pending" / "{pool} rate_limit" ->
+-- count; the pool read from KEYS[6]), which the supervisor exports as agentworker_admission_refusals_total.
 -- Returns {1, ''} enqueued; {0, ''} the id exists already (its job or result): nothing done;
 --         {-1, pending count} over max_pending; {-2, ms until a token} over rate_limit.
 for i = 3, 7 do
@@ -25,6 +27,7 @@ if max_pending >= 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
   local n = redis.call('ZCARD', KEYS[4])
   if n >= max_pending then
+    redis.call('HINCRBY', 'agentworker:refusals', (string.match(KEYS[6], ':ready:([^:]+):') or '?') .. ' max_pending', 1)
     return {-1, tostring(n)}
   end
 end
@@ -39,6 +42,7 @@ if rate > 0 then
     ts = now
   end
   if tokens < 1 then
+    redis.call('HINCRBY', 'agentworker:refusals', (string.match(KEYS[6], ':ready:([^:]+):') or '?') .. ' rate_limit', 1)
     return {-2, tostring(math.ceil((1 - tokens) * period / rate))}
   end
   redis.call('HSET', KEYS[5], 'tokens', tostring(tokens - 1), 'ts', tostring(ts))

@@ -48,6 +48,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from agentworker import jobs, keys, metrics
 from agentworker.config import PoolQuota
 from agentworker.job_leases import ATTEMPT_TTL_MS, CAPPED_RECHECK_MS, RETRY_TTL_S, dead_letter_record, lua_source
+from agentworker.jobs import JobDeferred as WaitForResource
 from agentworker.logs import get_logger
 from agentworker.pools.batching import ScriptBatcher
 from agentworker.pools.gate import ConcurrencyGate
@@ -335,6 +336,11 @@ class ShardWorker:
             mode = "retry"
             if exc.defer_score:
                 requeue_at = timestamp_ms() + exc.defer_score
+        except WaitForResource as exc:
+            # Waiting for a resource (the tenant's LLM budget): queued again, due later, no try spent.
+            mode = "requeue"
+            requeue_at = timestamp_ms() + int(exc.retry_after_s * 1000)
+            self._on_deferred(job_id.split(":", 1)[0])
         except asyncio.CancelledError:
             # A drain (or a lease another holder took over): the job runs again; this try is not counted.
             mode = "requeue"

@@ -43,7 +43,7 @@ from arq.connections import ArqRedis
 from arq.worker import Function, func
 from redis.exceptions import RedisError
 
-from agentworker import jobs, keys, metrics
+from agentworker import catalog, jobs, keys, metrics
 from agentworker.config import ConfigError, QuotaConfig, load_config, resolve_config_path
 from agentworker.event_outbox import relay_forever
 from agentworker.events import EventPublisher
@@ -54,11 +54,11 @@ from agentworker.pools.gate import ConcurrencyGate
 from agentworker.pools.leases import Leases
 from agentworker.schedules.dispatcher import dispatch_forever
 from agentworker.settings import Settings, SettingsError
-from agentworker.submit import JobSubmitter
 from agentworker.tasks.context import JobRuntime
 from agentworker.tasks.envelope import FinalFailure, make_job_function, make_reject_function, report_final_failure
 from agentworker.tasks.registry import TaskRegistry, load_task_modules
 from agentworker.tasks.run_sweeper import sweep_forever
+from agentworker.tenants import sync_forever
 
 log = get_logger("agentworker.worker")
 
@@ -84,11 +84,7 @@ async def dispatch_schedules(runtime: JobRuntime) -> None:
     if runtime.settings.scheduler == "off":
         return
 
-    def submitter() -> JobSubmitter:
-        # A new one per pass: runtime.config is swapped in place when the quota file is reloaded.
-        return JobSubmitter(runtime.redis, runtime.config, max_payload_bytes=runtime.settings.max_payload_bytes)
-
-    await dispatch_forever(runtime.database, submitter)
+    await dispatch_forever(runtime.database, runtime.submitter)
 
 
 class WorkerProcess:
@@ -132,6 +128,8 @@ class WorkerProcess:
         self.runtime = JobRuntime(pool=self.pool_name, slot=self.slot, settings=self.settings, redis=redis,
                                   events=EventPublisher(redis, stream_maxlen=self.settings.event_stream_maxlen),
                                   config=self.config)
+        self.runtime.task_names = frozenset(self.registry.names())
+        metrics.zero_job_series(self.pool_name, self.runtime.task_names, sorted(self.config.tenants))
         self.pool_quota = pool
         self.gate = ConcurrencyGate(pool.concurrency)
         self.leases = Leases(redis, job_ttl_s=self.settings.job_lease_ttl, tenant_ttl_s=self.settings.tenant_lease_ttl)
@@ -160,6 +158,13 @@ class WorkerProcess:
             asyncio.create_task(sweep_forever(self.runtime), name="run-sweeper"),
             # Promised events whose process died (or is still waiting for Redis): one process relays them.
             asyncio.create_task(relay_forever(redis, self.runtime.database, self.runtime.events), name="event-relay"),
+            # Tenant-store changes: this process's cache drops what changed; one process copies the store to
+            # Redis (what a setter could not, everything after Redis lost it).
+            asyncio.create_task(self.runtime.tenants.listen_forever(), name="tenant-changes"),
+            # The task and tool names this process serves: saving a schedule or a workflow checks them.
+            asyncio.create_task(self._publish_catalog_forever(), name="catalog"),
+            asyncio.create_task(sync_forever(redis, self.runtime.database, lambda: self.runtime.config),
+                                name="tenant-sync"),
         ]
         mains = [asyncio.create_task(w.main(), name=f"shard-{w.shard}") for w in self.workers]
         self.state = "serving"
@@ -272,6 +277,19 @@ class WorkerProcess:
     def _deferred(self, tenant_id: str) -> None:
         metrics.JOBS_DEFERRED.labels(self.pool_name, metrics.tenant_label(self.runtime.config, tenant_id)).inc()
         log.debug("tenant at max_concurrency; job deferred", tenant_id=tenant_id)
+
+    async def _publish_catalog_forever(self) -> None:
+        from agentworker.tools import TOOLS  # the built-in tools and those of the task modules
+
+        while True:
+            try:
+                await catalog.publish(self.runtime.redis, self.registry.names(),
+                                      ((t.name, t.tenants) for t in TOOLS.all()))
+            except (RedisError, OSError) as exc:
+                log.debug("catalog not published", error=str(exc))
+                await asyncio.sleep(5.0)
+                continue
+            await asyncio.sleep(catalog.REFRESH_S)
 
     def _job_done(self, job_id: str) -> None:
         self.jobs_served += 1

@@ -46,7 +46,12 @@ Kind = Literal["task", "workflow", "poll"]
 
 
 class InvalidSchedule(AgentWorkerError, ValueError):
-    """A schedule that cannot be saved; the message names each bad key and what is wrong with it."""
+    """A schedule that cannot be saved; the message names each bad key and what is wrong with it, all
+    at once (``errors``: one line per problem)."""
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        self.errors = errors if errors is not None else [message]
+        super().__init__(message)
 
 
 def _task_name(value: str) -> str:
@@ -176,16 +181,44 @@ def parse_schedule(spec: Any, *, limits: InputLimits | None = None) -> ScheduleS
     if not isinstance(spec, dict):
         raise InvalidSchedule(f"a schedule must be an object, got {type(spec).__name__}")
     name = spec.get("id") if isinstance(spec.get("id"), str) else "(no id)"
+    problems: list[str] = []
+    parsed: ScheduleSpec | None = None
     try:
         parsed = ScheduleSpec.model_validate(spec)
     except ValidationError as exc:
-        problems = describe_errors(exc).replace("(root): ", "").replace("Value error, ", "")
-        raise InvalidSchedule(f"invalid schedule {name!r}: {problems}") from None
-    try:
-        parsed.cron_schedule()
-    except InvalidCron as exc:
-        raise InvalidSchedule(f"invalid schedule {name!r}: {exc}") from None
+        problems += [p for p in describe_errors(exc).replace("(root): ", "").replace("Value error, ", "").split("; ")
+                     if p]
+    # The cron expression and the target are checked on the raw document too, so their problems come
+    # in the same report as the schema's.
+    cron, zone = spec.get("cron"), spec.get("timezone", "UTC")
+    if isinstance(cron, str) and cron and isinstance(zone, str) and zone:
+        try:
+            parse_cron(cron, zone)
+        except InvalidCron as exc:
+            problems.append(str(exc))
+    if parsed is None:
+        for problem in _target_problems(spec):
+            if problem not in problems and not any(problem in p for p in problems):
+                problems.append(problem)
+    if problems or parsed is None:
+        raise InvalidSchedule(f"invalid schedule {name!r}: {'; '.join(problems) or 'invalid'}", problems)
     return parsed
+
+
+def _target_problems(spec: dict[str, Any]) -> list[str]:
+    """The target rules of :meth:`ScheduleSpec._one_target`, on the raw document."""
+    problems = []
+    targets = [name for name in ("task", "workflow_id", "poll") if spec.get(name) is not None]
+    if len(targets) != 1:
+        problems.append("give exactly one of task, workflow_id or poll"
+                        + (f" (got {', '.join(targets)})" if targets else ""))
+    if spec.get("payload") is not None and spec.get("task") is None:
+        problems.append("payload goes with task (a workflow takes input)")
+    if spec.get("input") is not None and spec.get("workflow_id") is None:
+        problems.append("input goes with workflow_id (a task takes payload)")
+    if isinstance(spec.get("payload"), dict) and "tenant_id" in spec["payload"]:
+        problems.append("payload must not set tenant_id: it is the schedule's tenant")
+    return problems
 
 
 def fill_due_at(values: dict[str, Any], due_at: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from agentworker.job_leases import holder_id, lua_source, publish_limits, quota_
 from agentworker.logs import get_logger
 from agentworker.rerouting import config_of_routing_table, reroute, reroute_strays
 from agentworker.routing import routing_table_json
+from agentworker.tenants import TenantDirectory
 
 log = get_logger("agentworker.supervisor")
 
@@ -61,6 +62,8 @@ class RedisSnapshot:
     queues: dict[tuple[str, int], QueueDepth] = field(default_factory=dict)
     tenants: dict[str, TenantCounts] = field(default_factory=dict)
     dead_letters: dict[str, int] = field(default_factory=dict)  # per pool: entries of agentworker:dead:{pool}
+    #: (pool, limit) -> jobs refused at admission so far (agentworker:refusals)
+    refusals: dict[tuple[str, str], int] = field(default_factory=dict)
     at: float | None = None
 
 
@@ -88,6 +91,8 @@ class RedisObserver:
         self._swept_at: float | None = None
         self._newest_file = True  # False while another supervisor's newer quota file holds the limits
         self.jobs_rerouted = 0
+        #: tenant-store entries (agentworker.tenants): a stored plan or pool routes a tenant elsewhere
+        self.tenants = TenantDirectory(redis)
         #: called with a config version once queued jobs follow its routing (the supervisor holds the
         #: replacement of workers until then, so a fresh worker never meets a job of the old routing)
         self.on_rerouted: Callable[[int], None] | None = None
@@ -205,7 +210,7 @@ class RedisObserver:
         if self._routed_version != version:
             if self._routed_version is not None and now - seen_at < REROUTE_GRACE_S:
                 return
-            moved = await reroute(self.redis, self._routed, config)
+            moved = await reroute(self.redis, self._routed, config, directory=self.tenants)
             self._routed, self._routed_version = config, version
             self.jobs_rerouted += moved
             if moved:
@@ -215,7 +220,7 @@ class RedisObserver:
         if self._swept_at is None or now - self._swept_at >= REPUBLISH_INTERVAL_S:
             self._swept_at = now
             moved = await reroute_strays(self.redis, config, shards=self._shards_known,
-                                         cursors=self._sweep_cursors)
+                                         cursors=self._sweep_cursors, directory=self.tenants)
             self.jobs_rerouted += moved
             if moved:
                 log.info("queued jobs found where their tenants no longer route; moved", jobs=moved)
@@ -246,6 +251,7 @@ class RedisObserver:
                 pipe.zcount(keys.pending(tenant), now_ms, "+inf")
             for pool in pools:
                 pipe.hlen(keys.dead_letters(pool))
+            pipe.hgetall(keys.admission_refusals())
             replies = await pipe.execute()
         it = iter(replies)
         snapshot = RedisSnapshot(at=time.time())
@@ -256,4 +262,9 @@ class RedisObserver:
             snapshot.tenants[tenant] = TenantCounts(in_flight=int(next(it)), pending=int(next(it)))
         for pool in pools:
             snapshot.dead_letters[pool] = int(next(it))
+        for field_name, count in (next(it) or {}).items():
+            pool, _, limit = (field_name.decode(errors="replace") if isinstance(field_name, bytes)
+                              else str(field_name)).partition(" ")
+            if pool in config.pools and limit in ("max_pending", "rate_limit"):
+                snapshot.refusals[(pool, limit)] = int(count)
         self.snapshot = snapshot

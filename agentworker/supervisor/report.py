@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import platform
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -16,6 +18,16 @@ from agentworker.supervisor.observer import RedisObserver
 from agentworker.supervisor.process import WorkerHandle
 from agentworker.supervisor.reconcile import RESTART_REASONS, Supervisor
 from agentworker.supervisor.slots import PoolState, WorkerSlot
+
+
+def _version() -> str:
+    try:
+        return metadata.version("agentworker")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+_VERSION = _version()
 
 PROCESS_STATES = ("starting", "serving", "draining", "hung", "killed", "stopped")
 
@@ -188,6 +200,21 @@ class SupervisorCollector(Collector):
         for pool_name, n in sorted(self.observer.snapshot.dead_letters.items()):
             dead.add_metric([pool_name], n)
         yield dead
+
+        refusals = CounterMetricFamily(
+            "agentworker_admission_refusals_total", "Jobs refused at admission (nothing enqueued), by the limit "
+            "they were over (max_pending, rate_limit), counted in Redis by the enqueue script for every producer.",
+            labels=["pool", "limit"])
+        known = self.observer.snapshot.refusals
+        for name in sorted(sup.pools):
+            for limit in ("max_pending", "rate_limit"):
+                refusals.add_metric([name, limit], known.get((name, limit), 0))
+        yield refusals
+
+        build = GaugeMetricFamily("agentworker_build_info", "Always 1: the agentworker version and the Python "
+                                  "running the supervisor.", labels=["version", "python"])
+        build.add_metric([_VERSION, platform.python_version()], 1)
+        yield build
 
         up = GaugeMetricFamily("agentworker_redis_up", "1 if the supervisor's last Redis pass succeeded.")
         up.add_metric([], 1 if self.observer.ok else 0)

@@ -21,16 +21,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.asyncio import Redis
 
-from agentworker.config import ConfigError
+from agentworker.config import TENANT_KEYS, ConfigError
+from agentworker.db import Database, DatabaseError, open_database
+from agentworker.db.urls import redact_url
 from agentworker.errors import AgentWorkerError
 from agentworker.health.app import create_app
 from agentworker.health.checks import FAIL, PASS, WARN, Check, check_postgres, check_redis
 from agentworker.health.server import HttpServer
 from agentworker.logs import get_logger
+from agentworker.routing import validate_tenant_id
 from agentworker.settings import Settings
 from agentworker.supervisor.directory_lock import DirectoryInUse, DirectoryLock
 from agentworker.supervisor.metrics_archive import MetricsArchive
@@ -39,12 +43,15 @@ from agentworker.supervisor.reconcile import TICK_S, Supervisor
 from agentworker.supervisor.reload import QuotaFileWatch
 from agentworker.supervisor.report import SupervisorCollector, pool_health, status_document
 from agentworker.supervisor.zygote import Zygote
+from agentworker.tenants import MAX_BY_CHARS, UNSET, TenantStore
 
 log = get_logger("agentworker.supervisor")
 
 #: /health fails when the reconcile loop has not turned for this long (it turns every TICK_S)
 LIVENESS_MAX_AGE_S = 30.0
 RELOAD_ANSWER_TIMEOUT_S = 30.0
+#: connections of the supervisor's own database pool (the admin tenant endpoints only)
+ADMIN_DATABASE_CONNECTIONS = 2
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
@@ -63,6 +70,9 @@ class SupervisorBackend:
         self.settings = settings
         self.registry = registry
         self.admin_token = settings.admin_token
+        #: opened on the first tenant-store request (the supervisor needs no database otherwise); closed by close()
+        self._database: Database | None = None
+        self._database_lock = asyncio.Lock()
 
     def liveness_checks(self) -> list[Check]:
         age = time.monotonic() - self.supervisor.last_turn
@@ -101,6 +111,67 @@ class SupervisorBackend:
             return 503, {"ok": False, "trigger": trigger, "errors": ["the reconcile loop did not answer"]}
         return (200 if result.ok else 422), result.as_dict()
 
+    # -- the tenant store (/admin/tenants) --------------------------------------------------------------
+
+    async def tenant_store(self) -> TenantStore:
+        """The tenant store on the supervisor's Redis and current quota file, its database opened on
+        first use (:class:`DatabaseError` while it cannot be; the next request tries again)."""
+        async with self._database_lock:
+            if self._database is None:
+                try:
+                    self._database = await open_database(self.settings.database_url,
+                                                         max_size=ADMIN_DATABASE_CONNECTIONS)
+                except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    # e.g. the URL's database does not exist: unusable like an unreachable server
+                    raise DatabaseError(f"cannot use PostgreSQL at {redact_url(self.settings.database_url)}: "
+                                        f"{exc}") from exc
+        return TenantStore(self._database, self.redis, lambda: self.supervisor.config)
+
+    async def list_tenants(self, *, after: str, limit: int) -> list[dict[str, Any]]:
+        store = await self.tenant_store()
+        return [view.as_json() for view in await store.list(after=after, limit=limit)]
+
+    async def get_tenant(self, tenant_id: str) -> dict[str, Any]:
+        validate_tenant_id(tenant_id)
+        return (await (await self.tenant_store()).get(tenant_id)).as_json()
+
+    async def set_tenant(self, tenant_id: str, *, by: str, change: dict[str, Any]) -> dict[str, Any]:
+        validate_tenant_id(tenant_id)
+        store = await self.tenant_store()
+        unset = change.get("unset") or ()
+        only_unset = "plan" not in change and not change.get("overrides")
+        if only_unset and _plain_by(by) and all(key == "plan" or key in TENANT_KEYS for key in unset):
+            view = await store.get(tenant_id)
+            if not view.stored:  # nothing to remove (the store would record an empty entry)
+                return view.as_json()
+        view = await store.set(tenant_id, by=by, plan=change.get("plan", UNSET), overrides=change.get("overrides"),
+                               unset=unset)
+        self.observer.tenants.invalidate(tenant_id)  # the stray sweep routes it afresh
+        return view.as_json()
+
+    async def remove_tenant(self, tenant_id: str, *, by: str) -> dict[str, Any] | None:
+        validate_tenant_id(tenant_id)
+        store = await self.tenant_store()
+        removed = await store.remove(tenant_id, by=by)
+        self.observer.tenants.invalidate(tenant_id)
+        return (await store.get(tenant_id)).as_json() if removed else None
+
+    async def tenant_history(self, tenant_id: str, *, limit: int) -> list[dict[str, Any]]:
+        validate_tenant_id(tenant_id)
+        return [change.as_json() for change in await (await self.tenant_store()).history(tenant_id, limit=limit)]
+
+    async def close(self) -> None:
+        """Close what the backend opened (its database pool, if a tenant request opened it)."""
+        async with self._database_lock:
+            if self._database is not None:
+                database, self._database = self._database, None
+                await database.close()
+
+
+def _plain_by(by: str) -> bool:
+    """``by`` as the store takes it (it refuses anything else: the answer must then be its error)."""
+    return bool(by.strip()) and len(by) <= MAX_BY_CHARS and by.isascii() and by.isprintable()
+
 
 def _directory(configured: str | None, prefix: str) -> tuple[Path, bool]:
     """The configured directory (created if missing), else a new temporary one; and whether it is ours."""
@@ -136,6 +207,7 @@ async def serve(settings: Settings, config_path: Path) -> int:
     metrics_lock = DirectoryLock(metrics_dir)
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.ready_timeout, socket_timeout=5)
     http: HttpServer | None = None
+    backend: SupervisorBackend | None = None
     observer_task: asyncio.Task[None] | None = None
     supervisor: Supervisor | None = None
     zygote: Zygote | None = None
@@ -195,6 +267,9 @@ async def serve(settings: Settings, config_path: Path) -> int:
                 await observer_task
         if http is not None:
             await http.close()
+        if backend is not None:  # after the port: no request uses its database any more
+            with contextlib.suppress(Exception):
+                await backend.close()
         with contextlib.suppress(Exception):
             await redis.aclose()
         if own_run_dir:

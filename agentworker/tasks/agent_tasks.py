@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentworker.db import DatabaseUnavailable
 from agentworker.errors import AgentWorkerError
+from agentworker.jobs import JobDeferred
 from agentworker.settings import InputLimits
 from agentworker.tasks.context import JobContext
 from agentworker.tasks.registry import task
@@ -81,6 +82,8 @@ _REPORTED_MARK = "_agentworker_agent_run_failed"
 
 
 async def _failed(ctx: JobContext, identity: dict[str, Any], exc: BaseException) -> None:
+    if isinstance(exc, JobDeferred):  # waiting for the tenant's LLM budget is not failing
+        return
     await ctx.emit_best_effort("agent_run_failed", {**identity, "error": type(exc).__name__, "message": str(exc)[:500]})
     with contextlib.suppress(AttributeError, TypeError):
         setattr(exc, _REPORTED_MARK, True)

@@ -11,12 +11,16 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agentworker.config import QuotaConfig
+from agentworker import metrics
+from agentworker.config import QuotaConfig, TenantLimits
 from agentworker.db import Database, open_database
 from agentworker.event_outbox import EventOutbox
 from agentworker.events import EventPublisher
+from agentworker.llm_budget import LlmBudget
 from agentworker.logs import Logger
 from agentworker.settings import Settings
+from agentworker.submit import JobSubmitter
+from agentworker.tenants import TenantDirectory
 from agentworker.tools.scope import TenantScope
 
 if TYPE_CHECKING:
@@ -65,6 +69,19 @@ class JobRuntime:
     events: EventPublisher
     config: QuotaConfig
     resources: ProcessResources = field(default_factory=ProcessResources)
+    #: tenants' stored entries (plans, overrides: agentworker.tenants), cached; the worker listens for changes
+    tenants: TenantDirectory = field(init=False)
+    #: the tasks this process serves (metrics name any other ``other``)
+    task_names: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        self.tenants = TenantDirectory(self.redis)
+
+    def submitter(self) -> JobSubmitter:
+        """A submitter borrowing the process's Redis client, on its current quota file and tenant entries
+        (a new one per use: ``config`` is swapped in place when the quota file is reloaded)."""
+        return JobSubmitter(self.redis, self.config, max_payload_bytes=self.settings.max_payload_bytes,
+                            tenants=self.tenants)
 
     async def database(self) -> Database:
         """The process's PostgreSQL pool, made on first use and shared by its jobs and its schedule
@@ -127,7 +144,19 @@ class JobContext:
         promised ones), the job's logger and, with ``checkpoints``, the agents' checkpoint store."""
         return TenantScope(tenant_id=self.tenant_id, database=await self.runtime.database(),
                            emit=self.emit_best_effort, log=self.log, outbox=await self.runtime.event_outbox(),
-                           checkpoints=await self.runtime.checkpoints() if checkpoints else None)
+                           checkpoints=await self.runtime.checkpoints() if checkpoints else None,
+                           llm_budget=self.llm_budget())
+
+    def llm_budget(self) -> LlmBudget:
+        """The tenant's LLM budget, its limits read at each model call (reloads and tenant-store changes
+        apply at the next call)."""
+        runtime, tenant = self.runtime, self.tenant_id
+
+        def limits() -> TenantLimits:
+            return runtime.config.limits_of(tenant, runtime.tenants.cached(tenant, stale=True))
+
+        return LlmBudget(runtime.redis, tenant, limits, database=runtime.database, emit=self.emit_best_effort,
+                         metric_tenant=metrics.tenant_label(runtime.config, tenant))
 
     async def emit(self, event: str, data: dict[str, Any]) -> None:
         """Publish an event on this job's tenant channel and stream."""

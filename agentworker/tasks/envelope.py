@@ -36,14 +36,15 @@ import structlog
 from arq.worker import Retry
 from redis.exceptions import RedisError
 
-from agentworker import metrics
-from agentworker.config import QuotaConfig
+from agentworker import keys, metrics
+from agentworker.config import QuotaConfig, StoredTenant
 from agentworker.errors import AgentWorkerError
-from agentworker.jobs import JobId, error_record
+from agentworker.jobs import JobDeferred, JobId, error_record
 from agentworker.logs import get_logger
 from agentworker.routing import InvalidTenantId, route_tenant, validate_tenant_id
 from agentworker.tasks.context import JobContext, JobRuntime
 from agentworker.tasks.registry import PayloadError, Task, TaskRegistry
+from agentworker.tasks.schedule_outcomes import record_outcome
 
 log = get_logger("agentworker.job")
 
@@ -112,6 +113,9 @@ async def _publish(runtime: JobRuntime, tenant_id: str, event: str, data: dict[s
     except (RedisError, OSError) as exc:
         # An event lost to a Redis blip must not change the job's outcome.
         log.warning("event not published", event_name=event, error=str(exc))
+    if event == "job_failed" and isinstance(data.get("job_id"), str):
+        # Every final failure publishes job_failed: the one place a schedule learns its job failed.
+        await record_outcome(runtime, tenant_id, data["job_id"], data)
 
 
 #: a worker still runs a job found where a quota file it ran with less than this long ago routed the job's
@@ -149,7 +153,8 @@ def _publish_nowait(runtime: JobRuntime, tenant_id: str, event: str, data: dict[
     written.add_done_callback(lost)
 
 
-def misrouting_reason(runtime: JobRuntime, job_id: str, task: str, tenant_id: object, queue: str) -> str | None:
+def misrouting_reason(runtime: JobRuntime, job_id: str, task: str, tenant_id: object, queue: str,
+                      stored: StoredTenant | None = None) -> str | None:
     """Why this job may not run here, or None if it may.
 
     A job must come from the queue its tenant routes to: under the worker's quota file, or under one the
@@ -177,10 +182,12 @@ def misrouting_reason(runtime: JobRuntime, job_id: str, task: str, tenant_id: ob
         return f"job id names tenant {parsed.tenant_id!r} but the payload's tenant_id is {tenant_id!r}"
     if parsed.task != task:
         return f"job id names task {parsed.task!r} but the job runs {task!r}"
-    route = route_tenant(runtime.config, tenant_id)
+    route = route_tenant(runtime.config, tenant_id, stored)
     former = _former_configs(runtime)
-    if route.queue == queue or any(route_tenant(config, tenant_id).queue == queue for config in former):
+    if route.queue == queue or any(route_tenant(config, tenant_id, stored).queue == queue for config in former):
         return None
+    if stored is not None and stored.previous_queue and queue == f"{keys.PREFIX}:queue:{stored.previous_queue}":
+        return None  # the queue a tenant-store change just moved the tenant from (agentworker.tenants)
     return f"tenant {tenant_id!r} routes to {route.queue}, not to {queue} where this job was found"
 
 
@@ -191,7 +198,7 @@ async def reject(runtime: JobRuntime, arq_ctx: dict[str, Any], reason: str, task
     tenant = _event_tenant(job_id, payload_tenant)
     log.warning("job rejected", job_id=job_id, tenant_id=tenant, task=task, reason=reason,
                 queue=arq_ctx.get("queue"))
-    metrics.JOBS_TOTAL.labels(runtime.pool, task or "unknown", "rejected").inc()
+    metrics.JOBS_TOTAL.labels(runtime.pool, metrics.task_label(runtime.task_names, task), "rejected").inc()
     metrics.TENANT_JOBS_TOTAL.labels(runtime.pool, metrics.tenant_label(runtime.config, tenant),
                                      "rejected").inc()
     if tenant is not None:
@@ -233,7 +240,7 @@ async def report_final_failure(runtime: JobRuntime, registry: TaskRegistry, fail
     error = error_record(failure.error)
     log.warning("job failed for good", job_id=failure.job_id, tenant_id=tenant, task=failure.task,
                 reason=failure.reason, message=error["message"])
-    metrics.JOBS_TOTAL.labels(runtime.pool, failure.task or "unknown", failure.reason).inc()
+    metrics.JOBS_TOTAL.labels(runtime.pool, metrics.task_label(registry.names(), failure.task), failure.reason).inc()
     metrics.TENANT_JOBS_TOTAL.labels(runtime.pool, metrics.tenant_label(runtime.config, tenant),
                                      failure.reason).inc()
     if tenant is None:
@@ -291,9 +298,26 @@ async def run_in_envelope(task: Task, arq_ctx: dict[str, Any], payload: dict[str
         else:
             outcome = "success"
             await run.tell_completed(result, duration_s=time.monotonic() - meters.started)
+            await record_outcome(ctx.runtime, ctx.tenant_id, ctx.job_id, None)
             return result
         finally:
             meters.stop(outcome)
+
+
+async def _stored_entry(runtime: JobRuntime, tenant_id: object, *, fresh: bool = False) -> StoredTenant | None:
+    """The tenant's tenant-store entry (None for none, or for an id that is not a valid tenant id). Redis
+    unreachable: the entry cached last, however old (the job came from Redis a moment ago; what it
+    reports goes there too)."""
+    if not isinstance(tenant_id, str):
+        return None
+    try:
+        validate_tenant_id(tenant_id)
+    except InvalidTenantId:
+        return None
+    try:
+        return await runtime.tenants.get(tenant_id, fresh=fresh)
+    except (RedisError, OSError):
+        return runtime.tenants.cached(tenant_id, stale=True)
 
 
 async def _admit(task: Task, arq_ctx: dict[str, Any], payload: dict[str, Any]) -> JobContext:
@@ -303,11 +327,17 @@ async def _admit(task: Task, arq_ctx: dict[str, Any], payload: dict[str, Any]) -
     job_id: str = arq_ctx["job_id"]
     queue: str = arq_ctx["queue"]
     tenant_id = payload.get("tenant_id")
-    reason = misrouting_reason(runtime, job_id, task.name, tenant_id, queue)
+    stored = await _stored_entry(runtime, tenant_id)
+    reason = misrouting_reason(runtime, job_id, task.name, tenant_id, queue, stored)
+    if reason is not None:  # a tenant-store change may have moved the tenant here a moment ago
+        fresh = await _stored_entry(runtime, tenant_id, fresh=True)
+        if fresh is not None:
+            stored = fresh
+            reason = misrouting_reason(runtime, job_id, task.name, tenant_id, queue, stored)
     if reason is not None:
         await reject(runtime, arq_ctx, reason, task.name, tenant_id, hook=(task, payload))
     assert isinstance(tenant_id, str)
-    timeout = runtime.config.job_timeout_for(tenant_id)
+    timeout = runtime.config.job_timeout_for(tenant_id, stored)
     if task.timeout is not None:
         timeout = min(timeout, task.timeout)
     ctx = _context(runtime, tenant_id=tenant_id, job_id=job_id, task=task.name,
@@ -327,6 +357,7 @@ class _Ending(enum.Enum):
     RETRY_ASKED = "retry", "the task raised ARQ's Retry"
     RETRY_ON_ERROR = "retry", "the task raised one of its retry_on, with tries left: ARQ gets a Retry"
     CANCELLED = "cancelled", "the worker cancelled it (stopping): ARQ runs the job again"
+    DEFERRED = "deferred", "it must wait for a resource (its tenant's LLM budget): queued again, no try spent"
     FAILED = "failure", "the task raised any other error: the job failed for good"
     UNTOLD = "failure", "not an error (KeyboardInterrupt...), or a JobTimedOut of the task's own: only counted"
 
@@ -381,6 +412,8 @@ class _Run:
             return _Ending.RETRY_ASKED
         if isinstance(error, asyncio.CancelledError):
             return _Ending.CANCELLED
+        if isinstance(error, JobDeferred):
+            return _Ending.DEFERRED
         runtime = self.ctx.runtime
         max_tries = runtime.config.pools[runtime.pool].max_tries
         if isinstance(error, self.task.retry_on) and self.ctx.job_try < max_tries:
@@ -397,6 +430,12 @@ class _Run:
             await self._publish("job_retrying", {"defer": defer})
         elif ending is _Ending.CANCELLED:
             self.ctx.log.info("job cancelled; it will run again")
+        elif ending is _Ending.DEFERRED:
+            assert isinstance(error, JobDeferred)
+            self.ctx.log.info("job deferred; it runs again later without spending a try", reason=error.reason,
+                              defer_s=round(error.retry_after_s, 3), detail=str(error))
+            await self._publish("job_deferred", {"defer": round(error.retry_after_s, 3), "reason": error.reason,
+                                                 "message": str(error)})
         elif ending is _Ending.FAILED:
             self.ctx.log.exception("job failed", exc_info=error)
             await self._publish("job_failed", {"reason": "error", **error_record(error)})

@@ -24,8 +24,7 @@ from agentworker.tasks.registry import task
 
 def _submitter(ctx: JobContext) -> JobSubmitter:
     # Borrows the worker's Redis client (the worker closes it) and takes its current quota file.
-    runtime = ctx.runtime
-    return JobSubmitter(runtime.redis, runtime.config, max_payload_bytes=runtime.settings.max_payload_bytes)
+    return ctx.runtime.submitter()
 
 
 @task(retry_on=(DatabaseUnavailable, QuotaExceeded))

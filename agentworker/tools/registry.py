@@ -187,6 +187,10 @@ class ToolRegistry:
             raise UnknownTool(f"tool {name!r} is not available to tenant {tenant_id!r} (available: {names})")
         return found
 
+    def all(self) -> list[Tool]:
+        """Every registered tool, whoever may use it."""
+        return sorted(self._tools.values(), key=lambda t: t.name)
+
     def available(self, tenant_id: str) -> list[Tool]:
         return sorted((t for t in self._tools.values() if t.available_to(tenant_id)), key=lambda t: t.name)
 

@@ -21,6 +21,7 @@ from agentworker.tools.registry import EmitFunction, ToolContext
 
 if TYPE_CHECKING:
     from agentworker.event_outbox import EventOutbox
+    from agentworker.llm_budget import LlmBudget
 
 
 class Checkpoints(Protocol):
@@ -43,6 +44,8 @@ class TenantScope:
     outbox: EventOutbox | None = None
     #: the agents' LangGraph checkpoints; None where the job keeps no agent state
     checkpoints: Checkpoints | None = None
+    #: the tenant's LLM budget (tokens, calls in flight), attached to every model the job makes; None: none
+    llm_budget: LlmBudget | None = None
 
     @property
     def ledger(self) -> Ledger:

@@ -138,6 +138,10 @@ class AgentStep(StepBase):
 Step = Annotated[TransformStep | HttpStep | ApprovalStep | LlmStep | ToolStep | AgentStep,
                  Field(discriminator="kind")]
 STEP_KINDS = ("agent", "approval", "http", "llm", "tool", "transform")
+_STEP_MODELS: dict[str, type[StepBase]] = {"agent": AgentStep, "approval": ApprovalStep, "http": HttpStep,
+                                           "llm": LlmStep, "tool": ToolStep, "transform": TransformStep}
+#: literal texts checked against max_prompt_bytes, by step kind
+_PROMPT_FIELDS: dict[str, tuple[str, ...]] = {"llm": ("prompt", "system"), "agent": ("instructions",)}
 
 
 class WorkflowDefinition(BaseModel):
@@ -204,26 +208,53 @@ def parse_workflow(source: str | bytes | Mapping[str, Any] | WorkflowDefinition,
     if isinstance(steps, list) and len(steps) > limits.max_definition_steps:
         problem = f"the workflow definition has {len(steps)} steps"
         raise InvalidWorkflow([f"steps: {limits.refusal('max_definition_steps', problem)}"])
+    errors: list[str] = []
+    definition: WorkflowDefinition | None = None
     try:
         definition = WorkflowDefinition.model_validate(source)
     except ValidationError as exc:
-        raise InvalidWorkflow(_pydantic_errors(exc, source)) from None
-    errors = _prompt_errors(definition, limits) or _graph_errors(definition)
-    if errors:
-        raise InvalidWorkflow(errors)
+        errors.extend(_pydantic_errors(exc, source))
+    # The graph (ids, dependencies, cycles, templates) and the prompts are checked on the raw document,
+    # so their problems are reported together with the schema's, in one pass.
+    steps_view = _steps_view(source.get("steps"))
+    for error in _prompt_errors(steps_view, limits) + _graph_errors(steps_view, source.get("output")):
+        if error not in errors:
+            errors.append(error)
+    if errors or definition is None:
+        raise InvalidWorkflow(errors or ["(document): invalid"])
     return definition
 
 
-def _prompt_errors(definition: WorkflowDefinition, limits: InputLimits) -> list[str]:
+class _StepView:
+    """What the graph and prompt checks read of one raw step, whatever else is wrong with it."""
+
+    def __init__(self, index: int, raw: Mapping[str, Any]) -> None:
+        self.index = index
+        raw_id = raw.get("id")
+        self.id = raw_id if isinstance(raw_id, str) else None
+        deps = raw.get("depends_on")
+        self.depends_on = [(j, d) for j, d in enumerate(deps) if isinstance(d, str)] if isinstance(deps, list) else []
+        kind = raw.get("kind")
+        model = _STEP_MODELS.get(kind) if isinstance(kind, str) else None
+        self.templated = [(name, raw[name]) for name in (model.templated if model else ()) if raw.get(name) is not None]
+        self.texts = {name: raw[name] for name in _PROMPT_FIELDS.get(kind if isinstance(kind, str) else "", ())
+                      if isinstance(raw.get(name), str)}
+
+
+def _steps_view(steps: Any) -> list[_StepView]:
+    if not isinstance(steps, list):
+        return []
+    return [_StepView(i, raw) for i, raw in enumerate(steps) if isinstance(raw, Mapping)]
+
+
+def _prompt_errors(steps: list[_StepView], limits: InputLimits) -> list[str]:
     """Literal prompts over ``max_prompt_bytes`` (a rendered one is checked again when the step runs)."""
     errors = []
-    for i, step in enumerate(definition.steps):
-        texts = {"prompt": step.prompt, "system": step.system} if isinstance(step, LlmStep) else (
-            {"instructions": step.instructions} if isinstance(step, AgentStep) else {})
-        for name, text in texts.items():
-            size = len(text.encode("utf-8", errors="surrogatepass")) if text else 0
+    for step in steps:
+        for name, text in step.texts.items():
+            size = len(text.encode("utf-8", errors="surrogatepass"))
             if size > limits.max_prompt_bytes:
-                errors.append(f"steps[{i}].{name}: {limits.refusal('max_prompt_bytes', f'is {size} bytes')}")
+                errors.append(f"steps[{step.index}].{name}: {limits.refusal('max_prompt_bytes', f'is {size} bytes')}")
     return errors
 
 
@@ -254,34 +285,52 @@ def _pydantic_errors(exc: ValidationError, source: Mapping[str, Any]) -> list[st
     return errors
 
 
-def _graph_errors(definition: WorkflowDefinition) -> list[str]:
+def _graph_errors(steps: list[_StepView], output: Any) -> list[str]:
+    """Duplicate ids, unknown or self dependencies, a cycle, and templates naming steps a step does not
+    depend on: all of them, on the raw steps (a step whose id is unusable is left out of the graph)."""
     errors: list[str] = []
     index: dict[str, int] = {}
-    for i, step in enumerate(definition.steps):
+    for step in steps:
+        if step.id is None:
+            continue
         if step.id in index:
-            errors.append(f"steps[{i}].id: duplicate step id {step.id!r} (also steps[{index[step.id]}])")
+            errors.append(f"steps[{step.index}].id: duplicate step id {step.id!r} (also steps[{index[step.id]}])")
         else:
-            index[step.id] = i
-    for i, step in enumerate(definition.steps):
-        for j, dep in enumerate(step.depends_on):
+            index[step.id] = step.index
+    deps: dict[str, list[str]] = {}
+    for step in steps:
+        known = []
+        for j, dep in step.depends_on:
             if dep not in index:
-                errors.append(f"steps[{i}].depends_on[{j}]: unknown step {dep!r}")
+                errors.append(f"steps[{step.index}].depends_on[{j}]: unknown step {dep!r}")
             elif dep == step.id:
-                errors.append(f"steps[{i}].depends_on[{j}]: step {step.id!r} depends on itself")
-    if errors:
-        return errors
-    cycle = _find_cycle(definition)
+                errors.append(f"steps[{step.index}].depends_on[{j}]: step {step.id!r} depends on itself")
+            else:
+                known.append(dep)
+        if step.id is not None and step.id not in deps:
+            deps[step.id] = known
+    cycle = _find_cycle(deps)
     if cycle:
-        first = cycle[0]
-        errors.append(f"steps[{index[first]}].depends_on: cycle {' -> '.join(cycle)} (each step depends on the next)")
-        return errors
-    for i, step in enumerate(definition.steps):
-        ancestors = definition.ancestors(step.id)
-        for field_name, value in step.templated_values():
-            errors.extend(_template_errors(value, f"steps[{i}].{field_name}", index, ancestors, step.id))
-    if definition.output is not None:
-        errors.extend(_template_errors(definition.output, "output", index, set(index), None))
+        errors.append(f"steps[{index[cycle[0]]}].depends_on: cycle {' -> '.join(cycle)} (each step depends on "
+                      "the next)")
+    for step in steps:
+        ancestors = _ancestors(deps, step.id) if step.id is not None else set()
+        for field_name, value in step.templated:
+            errors.extend(_template_errors(value, f"steps[{step.index}].{field_name}", index, ancestors, step.id))
+    if output is not None:
+        errors.extend(_template_errors(output, "output", index, set(index), None))
     return errors
+
+
+def _ancestors(deps: Mapping[str, list[str]], step_id: str) -> set[str]:
+    seen: set[str] = set()
+    todo = list(deps.get(step_id, ()))
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(deps.get(current, ()))
+    return seen
 
 
 def _template_errors(value: Any, path: str, index: Mapping[str, int], allowed: set[str],
@@ -302,15 +351,14 @@ def _template_errors(value: Any, path: str, index: Mapping[str, int], allowed: s
     return errors
 
 
-def _find_cycle(definition: WorkflowDefinition) -> list[str] | None:
-    deps = {s.id: s.depends_on for s in definition.steps}
+def _find_cycle(deps: Mapping[str, list[str]]) -> list[str] | None:
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
     path: list[str] = []
 
     def visit(node: str) -> list[str] | None:
         state[node] = 1
         path.append(node)
-        for dep in deps[node]:
+        for dep in deps.get(node, ()):
             if state.get(dep) == 1:
                 return [*path[path.index(dep):], dep]
             if dep not in state:
@@ -321,9 +369,9 @@ def _find_cycle(definition: WorkflowDefinition) -> list[str] | None:
         state[node] = 2
         return None
 
-    for step in definition.steps:
-        if step.id not in state:
-            found = visit(step.id)
+    for node in deps:
+        if node not in state:
+            found = visit(node)
             if found:
                 return found
     return None
