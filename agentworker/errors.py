@@ -97,6 +97,8 @@ INTERNAL_ERRORS: dict[str, str] = {
     "agentworker.jobs.JobDeferred": "the worker puts the job back in its queue, due later, without spending a "
                                     "try (a `job_deferred` event)",
     "agentworker.llm_budget.LlmBudgetExhausted": "a JobDeferred: the tenant's token budget has no room now",
+    "agentworker.health.app._Refused": "a tenant endpoint's refusal: the app answers it as its status code and "
+                                       "JSON body",
     "agentworker.cli.CommandError": "the CLI's own exit path: `main` prints it as one line and exits with its "
                                     "code",
     "agentworker.jobs.UnreadableJob": "the job decoder's signal: the worker dead-letters the entry and reports "

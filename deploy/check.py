@@ -5,8 +5,14 @@
 3. built-in kinds validated with `kubernetes-validate --strict` against a pinned Kubernetes version;
 4. ServiceMonitor and ScaledObject validated against the CRD schemas kept in deploy/schemas/, strictly
    (unknown fields are errors, as the API server would prune them silently);
-5. alert rules: `promtool check rules` and `promtool test rules`;
-6. the Grafana dashboard: valid JSON, a datasource variable, every query on it.
+   and the rules of our own below (manifest_problems): KEDA owns the replica count and scales on its own
+   namespace's series, without flapping; every container has CPU and memory limits; migrations run with
+   a credential the service never sees; every Secret key referenced exists in an overlay; overlays pin
+   images by digest;
+5. alert rules: `promtool check rules` and `promtool test rules`; every alert has a severity, a summary
+   and a description, and a test case in which it fires (alert_problems);
+6. the Grafana dashboard: valid JSON, a datasource variable, every query on it, and on the `namespace`
+   and `instance` variables, so two deployments are never mixed (dashboard_problems).
 
 Exits non-zero with one line per problem.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +38,15 @@ CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
     ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobjects.yaml",
 }
+
+SEVERITIES = {"critical", "warning", "info"}
+#: every agentworker_* selector of a dashboard query carries both; other selectors (kube-state-metrics)
+#: carry the namespace one, and the query ties them to a filtered agentworker_* selector
+NAMESPACE_MATCHER = 'namespace=~"$namespace"'
+INSTANCE_MATCHER = 'instance=~"$instance"'
+SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}")
+AGENTWORKER_NAME = re.compile(r"\bagentworker_[a-z_]+\b(?!\s*\{)")
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 
 problems: list[str] = []
 
@@ -127,6 +143,8 @@ def check_manifests() -> None:
             rendered.unlink()
         if proc.returncode != 0:
             problems.append(f"kubernetes-validate {name}: {(proc.stdout + proc.stderr).strip()}")
+        problems.extend(f"{name}: {problem}"
+                        for problem in manifest_problems(docs, overlay=target.parent.name == "overlays"))
         for doc in custom:
             api_version, kind = doc["apiVersion"], doc["kind"]
             schema = crd_schema(CUSTOM_KINDS[(api_version, kind)], api_version.split("/")[1])
@@ -136,6 +154,169 @@ def check_manifests() -> None:
                 problems.append(f"{name}: {kind} {doc['metadata'].get('name')}: {path}: {error.message}")
 
 
+def _pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{d['kind']} {d['metadata'].get('name')}", d["spec"]["template"]["spec"]) for d in docs
+            if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "Job") and "template" in d.get("spec", {})]
+
+
+def _secret_refs(container: dict[str, Any]) -> list[tuple[str, str, str | None, bool]]:
+    """(env name, Secret name, key, optional) of every Secret a container reads."""
+    refs = []
+    for env in container.get("env", []):
+        ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+        if ref:
+            refs.append((env["name"], ref["name"], ref.get("key"), bool(ref.get("optional"))))
+    for source in container.get("envFrom", []):
+        if "secretRef" in source:
+            ref = source["secretRef"]
+            refs.append(("(envFrom)", ref["name"], None, bool(ref.get("optional"))))
+    return refs
+
+
+def manifest_problems(docs: list[dict[str, Any]], *, overlay: bool) -> list[str]:
+    """Our own rules over one rendered kustomization (base or overlay)."""
+    found: list[str] = []
+    by_kind_name = {(d.get("kind"), d["metadata"].get("name")): d for d in docs if d.get("metadata")}
+    for doc in docs:
+        if doc.get("kind") != "ScaledObject":
+            continue
+        name = doc["metadata"].get("name")
+        spec = doc.get("spec", {})
+        ref = spec.get("scaleTargetRef", {})
+        target = by_kind_name.get((ref.get("kind", "Deployment"), ref.get("name")))
+        if target is None:
+            found.append(f"ScaledObject {name}: scales {ref.get('kind', 'Deployment')} {ref.get('name')}, "
+                         "which is not rendered")
+        elif "replicas" in target.get("spec", {}):
+            found.append(f"{target['kind']} {ref.get('name')}: sets replicas, but ScaledObject {name} owns the "
+                         "count (every apply would reset what the HPA chose)")
+        scale_down = (((spec.get("advanced") or {}).get("horizontalPodAutoscalerConfig") or {})
+                      .get("behavior") or {}).get("scaleDown") or {}
+        if "stabilizationWindowSeconds" not in scale_down or not scale_down.get("policies"):
+            found.append(f"ScaledObject {name}: no advanced.horizontalPodAutoscalerConfig.behavior.scaleDown "
+                         "stabilizationWindowSeconds and policies (cooldownPeriod only acts when scaling to zero)")
+        namespace = doc["metadata"].get("namespace")
+        for trigger in spec.get("triggers", []):
+            if trigger.get("type") != "prometheus":
+                continue
+            query = trigger.get("metadata", {}).get("query", "")
+            scoped = re.findall(r'\bnamespace="([^"]*)"', query)
+            if not scoped:
+                found.append(f"ScaledObject {name}: the Prometheus query is not scoped to a namespace: {query}")
+            elif namespace is not None and set(scoped) != {namespace}:
+                found.append(f"ScaledObject {name}: the Prometheus query selects namespace {sorted(set(scoped))}, "
+                             f"the ScaledObject is in {namespace!r}: {query}")
+    secrets = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Secret"}
+    for where, pod in _pod_specs(docs):
+        containers = pod.get("containers", [])
+        init_containers = pod.get("initContainers", [])
+        for container in [*init_containers, *containers]:
+            limits = (container.get("resources") or {}).get("limits") or {}
+            missing = sorted({"cpu", "memory"} - set(limits))
+            if missing:
+                found.append(f"{where}: container {container['name']} has no {' and no '.join(missing)} limit")
+            image = container.get("image", "")
+            if overlay and not DIGEST.search(image):
+                found.append(f"{where}: container {container['name']}: image {image} is not pinned by digest "
+                             "(kustomize images: digest:)")
+            for env_name, secret, key, optional in _secret_refs(container):
+                if not overlay or optional:
+                    continue
+                if secret not in secrets:
+                    found.append(f"{where}: container {container['name']} reads Secret {secret}, not in the overlay")
+                elif key is not None and key not in {**secrets[secret].get("data", {}),
+                                                     **secrets[secret].get("stringData", {})}:
+                    found.append(f"{where}: container {container['name']} reads key {key} of Secret {secret} "
+                                 f"({env_name}), which the overlay's Secret does not have")
+        migrators = [c for c in init_containers if c.get("args", [None])[:1] == ["migrate"]]
+        service_secrets = {secret for c in containers for _, secret, _, _ in _secret_refs(c)}
+        service_secrets |= {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+        for migrator in migrators:
+            urls = [(secret, key) for env_name, secret, key, _ in _secret_refs(migrator)
+                    if env_name == "AGENTWORKER_DATABASE_URL"]
+            if not urls:
+                found.append(f"{where}: init container {migrator['name']} takes AGENTWORKER_DATABASE_URL from no "
+                             "Secret")
+            for secret, _key in urls:
+                if secret in service_secrets:
+                    found.append(f"{where}: init container {migrator['name']} migrates with Secret {secret}, which "
+                                 "the service's containers can read too: give migrations their own Secret")
+    return found
+
+
+def alert_problems(rules: dict[str, Any], tests: dict[str, Any]) -> list[str]:
+    """Every alert is actionable (severity, summary, description) and has a test case in which it fires."""
+    found: list[str] = []
+    firing = {case.get("alertname") for test in tests.get("tests", []) for case in test.get("alert_rule_test", [])
+              if case.get("exp_alerts")}
+    for group in rules.get("groups", []):
+        for rule in group.get("rules", []):
+            alert = rule.get("alert")
+            if alert is None:
+                continue
+            severity = (rule.get("labels") or {}).get("severity")
+            if severity not in SEVERITIES:
+                found.append(f"alert {alert}: severity {severity!r} is not one of {sorted(SEVERITIES)}")
+            for annotation in ("summary", "description"):
+                if not (rule.get("annotations") or {}).get(annotation):
+                    found.append(f"alert {alert}: no {annotation} annotation")
+            if alert not in firing:
+                found.append(f"alert {alert}: no case of alerts.test.yaml expects it to fire")
+    return found
+
+
+def query_problems(where: str, expr: str) -> list[str]:
+    """A dashboard query that could mix deployments: a selector without the namespace/instance filter."""
+    found: list[str] = []
+    bare = sorted(set(AGENTWORKER_NAME.findall(expr)))
+    if bare:
+        found.append(f"{where}: {', '.join(bare)} without a {{{NAMESPACE_MATCHER}, {INSTANCE_MATCHER}}} filter")
+    selectors = SELECTOR.findall(expr)
+    if not bare and not any(name.startswith("agentworker_") for name, _ in selectors):
+        found.append(f"{where}: queries no agentworker_* series, so the instance filter cannot apply: {expr}")
+    for name, matchers in selectors:
+        needed = [NAMESPACE_MATCHER, INSTANCE_MATCHER] if name.startswith("agentworker_") else [NAMESPACE_MATCHER]
+        missing = [m for m in needed if m not in matchers]
+        if missing:
+            found.append(f"{where}: {name}{{{matchers}}} lacks {' and '.join(missing)}")
+    return found
+
+
+def _variable_query(variable: dict[str, Any]) -> str:
+    query = variable.get("query")
+    return str(query.get("query", "")) if isinstance(query, dict) else str(query)
+
+
+def dashboard_problems(dashboard: dict[str, Any]) -> list[str]:
+    found: list[str] = []
+    variables = {v["name"]: v for v in dashboard.get("templating", {}).get("list", [])}
+    if variables.get("datasource", {}).get("type") != "datasource":
+        found.append("no 'datasource' variable of type datasource")
+    namespace, instance = variables.get("namespace"), variables.get("instance")
+    if namespace is None or namespace.get("type") != "query":
+        found.append("no 'namespace' query variable")
+    elif namespace.get("multi") or namespace.get("includeAll"):
+        found.append("the 'namespace' variable allows several namespaces at once: deployments would be mixed")
+    if instance is None or instance.get("type") != "query":
+        found.append("no 'instance' query variable")
+    elif NAMESPACE_MATCHER not in _variable_query(instance):
+        found.append("the 'instance' variable does not list the instances of $namespace only")
+    for name, variable in variables.items():
+        if variable.get("type") != "query" or name in ("namespace", "instance"):
+            continue
+        found.extend(query_problems(f"variable {name!r}", _variable_query(variable)))
+    for panel in dashboard.get("panels", []):
+        for target in panel.get("targets", []):
+            title = panel.get("title")
+            if target.get("datasource", {}).get("uid") != "${datasource}":
+                found.append(f"panel {title!r} does not query ${{datasource}}")
+            if not target.get("expr"):
+                found.append(f"panel {title!r} has an empty query")
+                continue
+            found.extend(query_problems(f"panel {title!r}", target["expr"]))
+    return found
+
+
 def check_alerts() -> None:
     step("promtool check rules / test rules")
     promtool = shutil.which("promtool")
@@ -143,6 +324,8 @@ def check_alerts() -> None:
         problems.append("promtool not found: install Debian's 'prometheus' package (see .ci/run)")
         return
     rules = DEPLOY / "prometheus"
+    problems.extend(alert_problems(yaml.safe_load((rules / "alerts.yaml").read_text()),
+                                   yaml.safe_load((rules / "alerts.test.yaml").read_text())))
     for cmd in (["check", "rules", "alerts.yaml"], ["test", "rules", "alerts.test.yaml"]):
         proc = run([promtool, *cmd], cwd=rules)
         if proc.returncode != 0:
@@ -157,15 +340,7 @@ def check_dashboard() -> None:
     except ValueError as exc:
         problems.append(f"{path.name}: not valid JSON: {exc}")
         return
-    variables = {v["name"]: v for v in dashboard.get("templating", {}).get("list", [])}
-    if variables.get("datasource", {}).get("type") != "datasource":
-        problems.append(f"{path.name}: no 'datasource' variable of type datasource")
-    for panel in dashboard.get("panels", []):
-        for target in panel.get("targets", []):
-            if target.get("datasource", {}).get("uid") != "${datasource}":
-                problems.append(f"{path.name}: panel {panel.get('title')!r} does not query ${{datasource}}")
-            if not target.get("expr"):
-                problems.append(f"{path.name}: panel {panel.get('title')!r} has an empty query")
+    problems.extend(f"{path.name}: {problem}" for problem in dashboard_problems(dashboard))
 
 
 def main() -> int:

@@ -181,7 +181,9 @@ async def test_node_jobs_count_in_max_pending_and_the_third_is_refused_with_noth
     before = sorted(await redis.keys("*"))
     [refused] = await producer.enqueue("small-co", "echo", "k3", {"message": "k3"}, expect_rc=3)
     assert (refused["code"], refused["outcome"], refused["detail"]) == (-1, "over_max_pending", 2)
-    assert sorted(await redis.keys("*")) == before
+    # nothing of the job is written; the one write is the refusal counter the supervisor exports
+    assert sorted(await redis.keys("*")) == sorted({*before, keys.admission_refusals().encode()})
+    assert await redis.hget(keys.admission_refusals(), f"{route.pool} max_pending") == b"1"
     assert not await redis.exists(jobs.job_key("small-co:echo:k3"))
     assert set(await redis.zrange(route.tenant_queue, 0, -1)) == pending
     assert jobs.loads(await redis.get(jobs.job_key("small-co:echo:k1")))["k"] == {"message": "k1",

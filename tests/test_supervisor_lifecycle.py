@@ -246,9 +246,11 @@ async def test_metrics_survive_20_restarts_with_a_bounded_directory(
     archive = [p for p in db_files if p.name.endswith("_archive.db")]
     live = [p for p in db_files if not p.name.endswith("_archive.db")]
     pids = {int(p.name.rsplit("_", 1)[1].removesuffix(".db")) for p in live}
-    assert len(pids) <= slots
+    # every serving worker has its files from its start (its job counters at 0), and the zygote one
+    # (the unlabelled counters it creates when it imports the worker stack): slots + 1 live pids at most
+    assert len(pids) <= slots + 1, sorted(p.name for p in live)
     assert len(archive) <= len(per_process_files)
-    assert len(db_files) <= slots * len(per_process_files) + len(archive)
+    assert len(db_files) <= (slots + 1) * len(per_process_files) + len(archive)
 
 
 @pytest.mark.timeout(150)
