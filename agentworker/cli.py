@@ -78,11 +78,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"{name:<16} {pool.shards:>6} {pool.processes:>5} {pool.concurrency:>5} {pool.job_timeout:>7g}s "
               f"{pool.max_tries:>5} {pool.memory_limit_mb:>7} {pool.max_jobs_per_process:>8} "
               f"{pool.hang_timeout:>4g}s")
-    print(f"{len(config.tenants)} tenant(s) named; others use pool {config.default_pool!r} and "
-          f"tenant_defaults {_limits_text(config.tenant_defaults.model_dump())}")
+    for name, plan in sorted(config.plans.items()):
+        print(f"plan {name}: {_limits_text(plan.model_dump())}")
+    default_plan = f" (plan {config.tenant_defaults.plan})" if config.tenant_defaults.plan else ""
+    print(f"{len(config.tenants)} tenant(s) named; others use pool {config.default_tenant_pool!r} and "
+          f"tenant_defaults{default_plan} {_limits_text(config.default_limits.model_dump())}")
     if config.tenants:
-        print("effective limits of each named tenant (its own keys over tenant_defaults; job_timeout: the "
-              "tighter of the tenant's and its pool's):")
+        print("effective limits of each named tenant (its own keys over its plan's, over tenant_defaults; "
+              "job_timeout: the tighter of the tenant's and its pool's; the tenant store may override them: "
+              "agentworker tenants get ID):")
     for tenant_id in sorted(config.tenants):
         route = route_tenant(config, tenant_id)
         limits = {**config.limits_of(tenant_id).model_dump(), "job_timeout": config.job_timeout_for(tenant_id)}

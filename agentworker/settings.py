@@ -4,75 +4,10 @@ The quota file (:mod:`agentworker.config`) says *what* each tenant and pool may 
 *where* the services are and how the processes behave. URLs and secrets live here, never in the quota
 file (which is a ConfigMap anyone with read access to the namespace can see).
 
-=====================================  ==============================  ==========================================
-variable                               default                         meaning
-=====================================  ==============================  ==========================================
-AGENTWORKER_CONFIG                     packaged default_quotas.yaml    the quota file
-AGENTWORKER_REDIS_URL                  redis://127.0.0.1:6379/0        Redis for queues, events, leases
-AGENTWORKER_DATABASE_URL               postgresql://postgres@127.0.0.1:5432/postgres   PostgreSQL
-AGENTWORKER_LOG_LEVEL                  info                            debug, info, warning, error
-AGENTWORKER_LOG_FORMAT                 json                            json (one object per line) or console
-AGENTWORKER_SHUTDOWN_GRACE             25                              seconds running jobs get to finish on
-                                                                       SIGTERM before they are re-queued
-AGENTWORKER_POLL_INTERVAL              0.5                             seconds between queue polls of an idle
-                                                                       worker
-AGENTWORKER_KEEP_RESULT                86400                           seconds a result (and so an idempotency
-                                                                       key) is kept
-AGENTWORKER_MAX_PAYLOAD_BYTES          1048576                         largest accepted job payload (JSON)
-AGENTWORKER_TENANT_LEASE_TTL           30                              seconds a tenant concurrency lease lives
-                                                                       unless renewed (a killed holder's slot
-                                                                       comes back after at most this)
-AGENTWORKER_JOB_LEASE_TTL              10                              seconds a running job's lease (its
-                                                                       in-progress key) lives unless its worker
-                                                                       renews it: a job of a worker that died
-                                                                       unseen runs again after at most this
-AGENTWORKER_EVENT_STREAM_MAXLEN        10000                           events kept per tenant stream (approx.)
-AGENTWORKER_TASK_MODULES               (none)                          extra comma-separated modules whose
-                                                                       @task functions workers serve
-AGENTWORKER_ADMIN_TOKEN                (none)                          bearer token of /admin/*; unset = off
-AGENTWORKER_PORT                       8000                            HTTP port of the supervisor (``--port``)
-AGENTWORKER_HTTP_HOST                  0.0.0.0                         address the supervisor's HTTP port binds
-AGENTWORKER_RUN_DIR                    (a new temporary directory)     where workers write their status files
-AGENTWORKER_METRICS_DIR                (a new temporary directory)     prometheus multiprocess files of the
-                                                                       workers; locked by one supervisor for
-                                                                       its life and emptied when it starts (a
-                                                                       second one on it is refused at start)
-AGENTWORKER_READY_TIMEOUT              2                               seconds /ready waits for Redis and for
-                                                                       PostgreSQL before calling them down
-AGENTWORKER_RESTART_BACKOFF_INITIAL    0.5                             seconds before the first restart of a
-                                                                       slot; doubles on each quick failure
-AGENTWORKER_RESTART_BACKOFF_MAX        30                              ceiling of that delay; a slot that keeps
-                                                                       failing is retried this often, forever
-AGENTWORKER_CONFIG_POLL_INTERVAL       2                               seconds between checks of the quota
-                                                                       file's content (0 = no watching)
-AGENTWORKER_WORKER_START_TIMEOUT       60                              seconds a new worker has to write its
-                                                                       first heartbeat before it is hung
-AGENTWORKER_ZYGOTE                     on                              on: workers are forked from a pre-imported
-                                                                       parent (Linux); off: each starts afresh
-AGENTWORKER_ZYGOTE_PRELOAD             (none)                          extra comma-separated modules the zygote
-                                                                       imports before forking workers
-AGENTWORKER_SCHEDULER                  on                              off: this process dispatches no tenant
-                                                                       schedules (some other process must)
-AGENTWORKER_MAX_CONFIG_BYTES           8388608 (8 MiB)                 largest quota file read (a bigger one is
-                                                                       refused before it is parsed)
-AGENTWORKER_MAX_YAML_ALIASES           100                             aliases (``*name``) one YAML document may
-                                                                       use (quota file, definition, schedule...)
-AGENTWORKER_MAX_YAML_DEPTH             64                              nesting levels of one YAML/JSON document
-AGENTWORKER_MAX_DEFINITION_BYTES       1048576 (1 MiB)                 largest workflow definition, schedule or
-                                                                       integration document (YAML/JSON, also
-                                                                       once its aliases are expanded)
-AGENTWORKER_MAX_DEFINITION_STEPS       200                             steps of one workflow definition
-AGENTWORKER_MAX_TEMPLATE_OUTPUT_BYTES  1048576 (1 MiB)                 what one step's templates may render to
-AGENTWORKER_MAX_PROMPT_BYTES           262144 (256 KiB)                largest prompt, message or instructions
-                                                                       sent to a model (UTF-8 bytes)
-AGENTWORKER_MAX_STEP_OUTPUT_BYTES      4194304 (4 MiB)                 largest output of one workflow step (JSON)
-AGENTWORKER_MAX_EVENT_BYTES            65536 (64 KiB)                  largest event put in a tenant's stream;
-                                                                       a bigger one keeps a truncated preview
-AGENTWORKER_EGRESS_ALLOW               (none)                          comma-separated CIDRs and host:port pairs
-                                                                       tenants' calls may reach though internal,
-                                                                       e.g. 10.1.2.0/24,crm.internal:8443 (never
-                                                                       the service's own Redis, PostgreSQL, port)
-=====================================  ==============================  ==========================================
+Every setting is declared once, below, as a field of :class:`Settings` (or :class:`InputLimits`) with
+its type, default, bound and meaning (:func:`setting`); :func:`reference` reads those declarations, and
+the README's "Settings (environment)" table and ``deploy/.env.example`` are checked against it by the
+tests (``python -m agentworker.settings`` prints the README table).
 """
 
 from __future__ import annotations
@@ -81,7 +16,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -89,6 +24,18 @@ from agentworker.errors import AgentWorkerError
 from agentworker.hosts import IPAddress, IPNetwork, ip_literal, split_host_port, unmapped
 
 ENV_PREFIX = "AGENTWORKER_"
+
+
+def setting(default: Any = None, meaning: str = "", *, shown: str | None = None, ge: float | None = None,
+            gt: float | None = None, le: float | None = None, choices: tuple[str, ...] = (),
+            factory: Any = None, secret: bool = False) -> Any:
+    """A setting's declaration: its default (``shown`` when the value itself says little), bound
+    (``ge``/``gt``/``le`` for numbers, ``choices`` for words) and meaning. :meth:`Settings.from_env`
+    enforces the bound; :func:`reference` documents all of it."""
+    metadata = {"meaning": meaning, "shown": shown, "ge": ge, "gt": gt, "le": le, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata, repr=not secret)
+    return field(default=default, metadata=metadata, repr=not secret)
 
 
 class SettingsError(AgentWorkerError, ValueError):
@@ -104,21 +51,29 @@ class InputLimits:
     a library caller) uses :meth:`from_env`, so every process of one deployment applies the same limits.
     """
 
-    max_config_bytes: int = 8 * 1024 * 1024
-    max_yaml_aliases: int = 100
-    max_yaml_depth: int = 64
-    max_definition_bytes: int = 1024 * 1024
-    max_definition_steps: int = 200
-    max_template_output_bytes: int = 1024 * 1024
-    max_prompt_bytes: int = 256 * 1024
-    max_step_output_bytes: int = 4 * 1024 * 1024
-    max_event_bytes: int = 64 * 1024
+    max_config_bytes: int = setting(8 * 1024 * 1024, "largest quota file read (a bigger one is refused before it "
+                                    "is parsed)", shown="8388608 (8 MiB)", ge=1024)
+    max_yaml_aliases: int = setting(100, "aliases (`*name`) one YAML document may use (quota file, definition, "
+                                    "schedule...)", ge=0)
+    max_yaml_depth: int = setting(64, "nesting levels of one YAML/JSON document", ge=8)
+    max_definition_bytes: int = setting(1024 * 1024, "largest workflow definition, schedule or integration "
+                                        "document (YAML/JSON, also once its aliases are expanded)",
+                                        shown="1048576 (1 MiB)", ge=1024)
+    max_definition_steps: int = setting(200, "steps of one workflow definition", ge=1)
+    max_template_output_bytes: int = setting(1024 * 1024, "what one step's templates may render to",
+                                             shown="1048576 (1 MiB)", ge=1024)
+    max_prompt_bytes: int = setting(256 * 1024, "largest prompt, message or instructions sent to a model (UTF-8 "
+                                    "bytes)", shown="262144 (256 KiB)", ge=1024)
+    max_step_output_bytes: int = setting(4 * 1024 * 1024, "largest output of one workflow step (JSON)",
+                                         shown="4194304 (4 MiB)", ge=1024)
+    max_event_bytes: int = setting(64 * 1024, "largest event put in a tenant's stream; a bigger one keeps a "
+                                   "truncated preview", shown="65536 (64 KiB)", ge=1024)
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value, least = getattr(self, f.name), _LIMIT_MINIMUMS.get(f.name, 1024)
+            value, least = getattr(self, f.name), f.metadata["ge"]
             if not isinstance(value, int) or value < least:
-                raise SettingsError(f"{ENV_PREFIX}{f.name.upper()}={value!r}: must be an integer >= {least}")
+                raise SettingsError(f"{ENV_PREFIX}{f.name.upper()}={value!r}: must be an integer >= {least:g}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> InputLimits:
@@ -137,48 +92,83 @@ class InputLimits:
         return f"{problem}, over the limit {ENV_PREFIX}{name.upper()}={getattr(self, name)}"
 
 
-_LIMIT_MINIMUMS = {"max_yaml_aliases": 0, "max_yaml_depth": 8, "max_definition_steps": 1}
 _DEFAULT_LIMITS = InputLimits()
+_LIMIT_FIELDS = {f.name: f for f in fields(InputLimits)}
+
+
+def _limit(name: str) -> Any:
+    """A field of :class:`Settings` declared as the :class:`InputLimits` one of the same name."""
+    declared = _LIMIT_FIELDS[name]
+    return field(default=getattr(_DEFAULT_LIMITS, name), metadata=declared.metadata)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    config: str | None = None
-    log_level: str = "info"
-    log_format: str = "json"
-    shutdown_grace: float = 25.0
-    poll_interval: float = 0.5
-    keep_result: float = 86_400.0
-    max_payload_bytes: int = 1_048_576
-    tenant_lease_ttl: float = 30.0
-    job_lease_ttl: float = 10.0
-    event_stream_maxlen: int = 10_000
-    task_modules: tuple[str, ...] = field(default_factory=tuple)
-    admin_token: str | None = field(default=None, repr=False)
-    port: int = 8000
-    http_host: str = "0.0.0.0"  # all interfaces: the probes of Kubernetes come from outside the pod
-    run_dir: str | None = None
-    metrics_dir: str | None = None
-    ready_timeout: float = 2.0
-    restart_backoff_initial: float = 0.5
-    restart_backoff_max: float = 30.0
-    config_poll_interval: float = 2.0
-    worker_start_timeout: float = 60.0
-    zygote: str = "on"
-    scheduler: str = "on"
-    zygote_preload: tuple[str, ...] = field(default_factory=tuple)
-    max_config_bytes: int = _DEFAULT_LIMITS.max_config_bytes
-    max_yaml_aliases: int = _DEFAULT_LIMITS.max_yaml_aliases
-    max_yaml_depth: int = _DEFAULT_LIMITS.max_yaml_depth
-    max_definition_bytes: int = _DEFAULT_LIMITS.max_definition_bytes
-    max_definition_steps: int = _DEFAULT_LIMITS.max_definition_steps
-    max_template_output_bytes: int = _DEFAULT_LIMITS.max_template_output_bytes
-    max_prompt_bytes: int = _DEFAULT_LIMITS.max_prompt_bytes
-    max_step_output_bytes: int = _DEFAULT_LIMITS.max_step_output_bytes
-    max_event_bytes: int = _DEFAULT_LIMITS.max_event_bytes
-    egress_allow: tuple[str, ...] = field(default_factory=tuple)
+    """The process settings: each field is ``AGENTWORKER_{FIELD}`` (module docstring)."""
+
+    config: str | None = setting(None, "the quota file", shown="packaged `default_quotas.yaml`")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis for queues, events and leases (redis://, "
+                             "rediss:// or unix://)")
+    database_url: str = setting("postgresql://postgres@127.0.0.1:5432/postgres", "PostgreSQL (postgresql:// "
+                                "or postgres://)")
+    log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_format: str = setting("json", "`json` (one object per line on stdout) or `console`",
+                              choices=("json", "console"))
+    shutdown_grace: float = setting(25.0, "seconds running jobs get on SIGTERM before they are re-queued", ge=0)
+    poll_interval: float = setting(0.5, "seconds between polls of an idle shard (wake-ups make it a fallback)",
+                                   gt=0)
+    keep_result: float = setting(86_400.0, "seconds results, and so idempotency keys, are kept", ge=0)
+    max_payload_bytes: int = setting(1_048_576, "largest accepted payload", ge=1024)
+    tenant_lease_ttl: float = setting(30.0, "seconds a tenant concurrency lease lives without renewal (a killed "
+                                      "holder's slot comes back after at most this)", gt=0)
+    job_lease_ttl: float = setting(10.0, "seconds a running job's lease lives without renewal: a job of a "
+                                   "worker that died unseen (its whole host gone) runs again after at most this",
+                                   ge=1, le=3600)
+    event_stream_maxlen: int = setting(10_000, "events kept per tenant stream (approximately)", ge=1)
+    task_modules: tuple[str, ...] = setting(factory=tuple, meaning="extra comma-separated modules whose `@task` "
+                                            "functions workers serve", shown="none")
+    admin_token: str | None = setting(None, "bearer token of `/admin/*`; unset, those endpoints answer 404",
+                                      shown="none", secret=True)
+    port: int = setting(8000, "HTTP port of the supervisor (`--port`): /health /ready /metrics /status /admin/*",
+                        ge=0, le=65535)
+    # all interfaces: the probes of Kubernetes come from outside the pod
+    http_host: str = setting("0.0.0.0", "address the supervisor's HTTP port binds")
+    run_dir: str | None = setting(None, "where workers write their status files", shown="a new temporary "
+                                  "directory")
+    metrics_dir: str | None = setting(None, "prometheus multiprocess files of the workers; locked by one "
+                                      "supervisor for its life and emptied when it starts (a second one on it "
+                                      "is refused at start)", shown="a new temporary directory")
+    ready_timeout: float = setting(2.0, "seconds /ready waits for Redis and for PostgreSQL before calling them "
+                                   "down", gt=0)
+    restart_backoff_initial: float = setting(0.5, "seconds before the first restart of a failing slot; doubles "
+                                             "on each quick failure", gt=0)
+    restart_backoff_max: float = setting(30.0, "ceiling of that delay (at least the initial one); a slot that "
+                                         "keeps failing is retried this often, forever", gt=0)
+    config_poll_interval: float = setting(2.0, "seconds between checks of the quota file's content (0: no "
+                                          "watching)", ge=0)
+    worker_start_timeout: float = setting(60.0, "seconds a new worker has to write its first heartbeat before "
+                                          "it is hung", gt=0)
+    zygote: str = setting("on", "`on`: workers are forked from a pre-imported parent (Linux; see "
+                          "docs/supervisor.md); `off`: each starts afresh", choices=("on", "off"))
+    scheduler: str = setting("on", "`off`: this process's workers dispatch no tenant schedules (dispatch stays "
+                             "exactly once however many run it; turn it off on some hosts only to save their "
+                             "database queries)", choices=("on", "off"))
+    zygote_preload: tuple[str, ...] = setting(factory=tuple, meaning="extra comma-separated modules that parent "
+                                              "imports (your task modules' heavy dependencies)", shown="none")
+    max_config_bytes: int = _limit("max_config_bytes")
+    max_yaml_aliases: int = _limit("max_yaml_aliases")
+    max_yaml_depth: int = _limit("max_yaml_depth")
+    max_definition_bytes: int = _limit("max_definition_bytes")
+    max_definition_steps: int = _limit("max_definition_steps")
+    max_template_output_bytes: int = _limit("max_template_output_bytes")
+    max_prompt_bytes: int = _limit("max_prompt_bytes")
+    max_step_output_bytes: int = _limit("max_step_output_bytes")
+    max_event_bytes: int = _limit("max_event_bytes")
+    egress_allow: tuple[str, ...] = setting(factory=tuple, meaning="comma-separated CIDRs and `host:port` pairs "
+                                            "tenants' outbound calls may reach although internal, e.g. "
+                                            "`10.1.2.0/24,crm.internal:8443` (see the README's Egress); never "
+                                            "opens the service's own Redis, PostgreSQL or HTTP port",
+                                            shown="none")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -197,31 +187,19 @@ class Settings:
         return settings
 
     def _check(self) -> None:
-        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise SettingsError(f"AGENTWORKER_LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
-        if self.log_format not in ("json", "console"):
-            raise SettingsError(f"AGENTWORKER_LOG_FORMAT={self.log_format!r}: use json or console")
-        for name in ("shutdown_grace", "keep_result", "config_poll_interval"):
-            if getattr(self, name) < 0:
-                raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
-        if not 1.0 <= self.job_lease_ttl <= 3600:
-            raise SettingsError("AGENTWORKER_JOB_LEASE_TTL must be from 1 to 3600 seconds")
-        for name in ("poll_interval", "tenant_lease_ttl", "ready_timeout", "restart_backoff_initial",
-                     "worker_start_timeout"):
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be > 0")
-        if self.max_payload_bytes < 1024:
-            raise SettingsError("AGENTWORKER_MAX_PAYLOAD_BYTES must be >= 1024")
-        if self.event_stream_maxlen < 1:
-            raise SettingsError("AGENTWORKER_EVENT_STREAM_MAXLEN must be >= 1")
-        if not 0 <= self.port <= 65535:
-            raise SettingsError(f"AGENTWORKER_PORT={self.port}: must be from 0 to 65535")
+        for f in fields(self):  # the bounds each field declares
+            value, meta, name = getattr(self, f.name), f.metadata, ENV_PREFIX + f.name.upper()
+            if meta.get("choices") and value not in meta["choices"] and (f.name != "log_level"
+                                                                        or value.lower() not in meta["choices"]):
+                raise SettingsError(f"{name}={value!r}: use {', '.join(meta['choices'][:-1])} or "
+                                    f"{meta['choices'][-1]}")
+            if isinstance(value, int | float) and not isinstance(value, bool) and not (
+                    (meta.get("ge") is None or value >= meta["ge"]) and (meta.get("gt") is None or value > meta["gt"])
+                    and (meta.get("le") is None or value <= meta["le"])):
+                kind = "an integer " if isinstance(f.default, int) else ""
+                raise SettingsError(f"{name}={value:g}: must be {kind}{_bound_text(meta)}")
         if self.restart_backoff_max < self.restart_backoff_initial:
             raise SettingsError("AGENTWORKER_RESTART_BACKOFF_MAX must be >= AGENTWORKER_RESTART_BACKOFF_INITIAL")
-        if self.scheduler not in ("on", "off"):
-            raise SettingsError(f"AGENTWORKER_SCHEDULER={self.scheduler!r}: use on or off")
-        if self.zygote not in ("on", "off"):
-            raise SettingsError(f"AGENTWORKER_ZYGOTE={self.zygote!r}: use on or off")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("AGENTWORKER_REDIS_URL must start with redis://, rediss:// or unix://")
         check_database_url(self.database_url, "AGENTWORKER_DATABASE_URL")
@@ -233,6 +211,59 @@ class Settings:
     def limits(self) -> InputLimits:
         """The input size limits of these settings."""
         return InputLimits(**{f.name: getattr(self, f.name) for f in fields(InputLimits)})
+
+
+def _bound_text(meta: Mapping[str, Any]) -> str:
+    parts = []
+    if meta.get("ge") is not None:
+        parts.append(f">= {meta['ge']:g}")
+    if meta.get("gt") is not None:
+        parts.append(f"> {meta['gt']:g}")
+    if meta.get("le") is not None:
+        parts.append(f"<= {meta['le']:g}")
+    return " and ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class SettingDoc:
+    """One setting as :func:`reference` documents it."""
+
+    variable: str
+    default: str
+    bound: str
+    meaning: str
+    #: the default as an ``.env`` value ("" where there is none)
+    value: str = ""
+
+
+def reference() -> list[SettingDoc]:
+    """Every setting, from its declaration, in declaration order."""
+    docs = []
+    for f in fields(Settings):
+        meta = f.metadata
+        if meta.get("shown") is not None:
+            default = meta["shown"]
+        elif f.default is None or f.default == ():
+            default = "none"
+        else:
+            default = f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+        bound = _bound_text(meta) if isinstance(f.default, int | float) and not isinstance(f.default, bool) else ""
+        if meta.get("choices"):
+            bound = " or ".join(f"`{c}`" for c in meta["choices"])
+        value = "" if f.default is None or f.default == () or f.default is MISSING else (
+            f"{f.default:g}" if isinstance(f.default, float) else str(f.default))
+        docs.append(SettingDoc(ENV_PREFIX + f.name.upper(), default, bound, meta.get("meaning", ""), value))
+    return docs
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from the declarations."""
+    lines = ["| variable | default | bound | meaning |", "|---|---|---|---|"]
+    for doc in reference():
+        default = doc.default if doc.default in ("none",) or " " in doc.default or "`" in doc.default \
+            else f"`{doc.default}`"
+        lines.append(f"| `{doc.variable}` | {default} | {doc.bound} | {doc.meaning} |")
+    return "\n".join(lines)
 
 
 _SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -335,3 +366,7 @@ def _convert(name: str, raw: str, kind: Any) -> Any:
     if kind.startswith("tuple"):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw
+
+
+if __name__ == "__main__":  # the README table: python -m agentworker.settings
+    print(markdown_table())
