@@ -100,7 +100,7 @@ async def test_a_worker_killed_inside_the_effect_before_its_commit_leaves_one_ev
         tmp_path: Path, redis_url: str, write_quotas: Callable[..., Path], spawn_worker: Any, database_url: str,
         database: Database) -> None:
     path = write_quotas(QUOTAS)
-    env = workflow_worker_env(database_url, AGENTWORKER_TASK_MODULES=MODULES, AGENTWORKER_JOB_LEASE_TTL="2")
+    env = workflow_worker_env(database_url, AGENTWORKER_TASK_MODULES=MODULES, AGENTWORKER_JOB_LEASE_TTL="4")
     workers = [spawn_worker(path, slot=slot, **env) for slot in range(2)]
     marker = tmp_path / "killed"
     tenant = new_tenant("killcommit")
@@ -122,7 +122,7 @@ async def test_a_worker_killed_after_its_publish_before_its_outbox_row_is_delete
         database: Database) -> None:
     path = write_quotas(QUOTAS)
     marker = tmp_path / "killed"
-    env = workflow_worker_env(database_url, AGENTWORKER_TASK_MODULES=MODULES, AGENTWORKER_JOB_LEASE_TTL="2",
+    env = workflow_worker_env(database_url, AGENTWORKER_TASK_MODULES=MODULES, AGENTWORKER_JOB_LEASE_TTL="4",
                               OUTBOX_PROBE_DIE_AFTER_PUBLISH=str(marker))
     workers = [spawn_worker(path, slot=slot, **env) for slot in range(2)]
     tenant = new_tenant("killpublish")

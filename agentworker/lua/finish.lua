@@ -23,6 +23,9 @@ if mode == 'done' then
   redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[7])
   redis.call('ZREM', KEYS[5], id)
   local tenant = tenant_of(id)
+  -- Our lease may have lapsed (a stalled loop) and a claim put the job back in its tenant's queue before
+  -- anyone took it over: this outcome stands, so that copy is withdrawn (its record is gone now).
+  if tenant then redis.call('ZREM', tq_key(q, tenant), id) end
   if KEYS[9] and tenant then activate(q, tenant, now, true) end  -- a capped tenant has a free slot
   return 1
 end

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -279,7 +280,12 @@ class WorkerProcess:
         log.debug("tenant at max_concurrency; job deferred", tenant_id=tenant_id)
 
     async def _publish_catalog_forever(self) -> None:
-        from agentworker.tools import TOOLS  # the built-in tools and those of the task modules
+        # The tool registry (the built-in tools and those of the task modules) is imported in a thread, a
+        # moment after start: importing it on the loop could stall it for seconds on a busy host, past
+        # the job leases' renewals.
+        await asyncio.sleep(1.0)
+        tools_module = await asyncio.to_thread(importlib.import_module, "agentworker.tools")
+        TOOLS = tools_module.TOOLS
 
         while True:
             try:
