@@ -9,10 +9,12 @@ Scenarios: ``throughput`` (a, and d: memory after it), ``latency`` (b), ``restar
 ``noisy-shard``, ``weights``, ``fairness`` (100 tenants), ``claim-cost``. Systems: ``agentworker``, ``arq-default``,
 ``arq-tuned``, ``saq`` (needs ``pip install -e '.[bench]'``; skipped with a note when missing).
 
-A separate subcommand, not among the scenarios above (bench/chaos.py):
+Separate subcommands, not among the scenarios above (bench/chaos.py, bench/tenant_scale.py):
 
     python -m bench chaos [N] [--keep]    # N workflow runs (default 2000) through kill -9 of workers and
                                           # restarts of Redis, the supervisor and PostgreSQL
+    python -m bench tenants [--quick]     # latency and Redis commands per job with 10 and 100,000 tenants
+                                          # in the tenant store (issue 19)
 """
 
 from __future__ import annotations
@@ -138,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench import chaos
 
         return chaos.main(argv[1:])
+    if argv[:1] == ["tenants"]:
+        from bench import tenant_scale
+
+        return tenant_scale.main(argv[1:])
     args = parse_args(argv)
     return asyncio.run(run(args))
 

@@ -116,7 +116,7 @@ AS $$
            s.updated_by
     FROM agentworker.tenant_settings s
     WHERE s.updated_at >= clock_timestamp() - make_interval(secs => greatest(p_age_s, 0))
-    ORDER BY s.seq
+    ORDER BY s.updated_at  -- the index on updated_at: a few recent rows among 100,000, not a scan by seq
     LIMIT least(greatest(p_limit, 1), 5000)
 $$;
 ALTER FUNCTION agentworker.tenant_settings_recent(double precision, integer) OWNER TO agentworker_tenant_index;
