@@ -115,8 +115,10 @@ AS $$
     SELECT s.tenant_id, s.plan, s.overrides, s.version, s.seq, s.deleted, s.previous_queue, s.updated_at,
            s.updated_by
     FROM agentworker.tenant_settings s
-    WHERE s.updated_at >= clock_timestamp() - make_interval(secs => greatest(p_age_s, 0))
-    ORDER BY s.updated_at  -- the index on updated_at: a few recent rows among 100,000, not a scan by seq
+    -- statement_timestamp(), not clock_timestamp(): a stable bound the planner can use on the index of
+    -- updated_at (a few recent rows among 100,000 rather than a read of every row at each sync pass)
+    WHERE s.updated_at >= statement_timestamp() - make_interval(secs => greatest(p_age_s, 0))
+    ORDER BY s.updated_at
     LIMIT least(greatest(p_limit, 1), 5000)
 $$;
 ALTER FUNCTION agentworker.tenant_settings_recent(double precision, integer) OWNER TO agentworker_tenant_index;
