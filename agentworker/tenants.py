@@ -342,6 +342,21 @@ def _entry_of(stored: StoredTenant | None) -> dict[str, Any] | None:
     return None if stored is None else {"plan": stored.plan, "overrides": dict(stored.overrides)}
 
 
+async def _locked_row(tx: Any, tenant_id: str) -> Any:
+    """The tenant's row (None: never stored), locked until the end of ``tx``: changes are serialized."""
+    return await tx.fetchrow(
+        f"SELECT {_COLUMNS} FROM agentworker.tenant_settings WHERE tenant_id = $1 FOR UPDATE", tenant_id)
+
+
+async def _audit(tx: Any, tenant_id: str, by: str, version: int, old: StoredTenant | None,
+                 new: StoredTenant | None) -> None:
+    """One row of the audit trail; no entry before (created) or after (removed) is SQL NULL."""
+    await tx.execute(
+        "INSERT INTO agentworker.tenant_settings_audit (tenant_id, changed_by, version, old, new) "
+        "VALUES ($1, $2, $3, $4::jsonb, $5::jsonb)",
+        tenant_id, by, version, *(None if entry is None else json.dumps(_entry_of(entry)) for entry in (old, new)))
+
+
 class TenantStore:
     """The tenant store's operations (module docstring); ``config`` is the quota file to validate and
     resolve with (a callable, so a long-lived owner passes its current one)."""
@@ -395,8 +410,7 @@ class TenantStore:
             raise InvalidTenantChange(f"tenant {tenant_id}", problems)
         config = self.config()
         async with self.database.tenant(tenant_id) as tx:
-            row = await tx.fetchrow(
-                f"SELECT {_COLUMNS} FROM agentworker.tenant_settings WHERE tenant_id = $1 FOR UPDATE", tenant_id)
+            row = await _locked_row(tx, tenant_id)
             old = _stored_of(row)
             new_plan = (old.plan if old else None) if plan is UNSET else plan
             if "plan" in unset:
@@ -425,10 +439,7 @@ class TenantStore:
                         updated_by = EXCLUDED.updated_by
                     RETURNING {_COLUMNS}""",
                 tenant_id, checked.plan, json.dumps(dict(checked.overrides)), version, previous, by)
-            await tx.execute(
-                "INSERT INTO agentworker.tenant_settings_audit (tenant_id, changed_by, version, old, new) "
-                "VALUES ($1, $2, $3, $4::jsonb, $5::jsonb)",
-                tenant_id, by, version, json.dumps(_entry_of(old)), json.dumps(_entry_of(checked)))
+            await _audit(tx, tenant_id, by, version, old, checked)
         stored = _stored_of(new_row)
         log.info("tenant entry changed", tenant_id=tenant_id, by=by, version=version, plan=checked.plan,
                  overrides=dict(checked.overrides), pool=after.pool)
@@ -441,8 +452,7 @@ class TenantStore:
         _check_by(by)
         config = self.config()
         async with self.database.tenant(tenant_id) as tx:
-            row = await tx.fetchrow(
-                f"SELECT {_COLUMNS} FROM agentworker.tenant_settings WHERE tenant_id = $1 FOR UPDATE", tenant_id)
+            row = await _locked_row(tx, tenant_id)
             old = _stored_of(row)
             if row is None or old is None:
                 return False
@@ -454,9 +464,7 @@ class TenantStore:
                 "seq = nextval('agentworker.tenant_settings_seq'), deleted = true, previous_queue = $3, "
                 "updated_at = clock_timestamp(), updated_by = $4 WHERE tenant_id = $1",
                 tenant_id, version, previous, by)
-            await tx.execute(
-                "INSERT INTO agentworker.tenant_settings_audit (tenant_id, changed_by, version, old, new) "
-                "VALUES ($1, $2, $3, $4::jsonb, NULL)", tenant_id, by, version, json.dumps(_entry_of(old)))
+            await _audit(tx, tenant_id, by, version, old, None)
         log.info("tenant entry removed", tenant_id=tenant_id, by=by, version=version)
         await self._publish(tenant_id, None, version, config, before, after)
         return True

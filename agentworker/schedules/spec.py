@@ -128,16 +128,10 @@ class ScheduleSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_target(self) -> ScheduleSpec:
-        targets = [name for name in ("task", "workflow_id", "poll") if getattr(self, name) is not None]
-        if len(targets) != 1:
-            raise ValueError("give exactly one of task, workflow_id or poll"
-                             + (f" (got {', '.join(targets)})" if targets else ""))
-        if self.payload is not None and self.task is None:
-            raise ValueError("payload goes with task (a workflow takes input)")
-        if self.input is not None and self.workflow_id is None:
-            raise ValueError("input goes with workflow_id (a task takes payload)")
-        if self.payload is not None and "tenant_id" in self.payload:
-            raise ValueError("payload must not set tenant_id: it is the schedule's tenant")
+        problems = _target_problems({name: getattr(self, name) for name in ("task", "workflow_id", "poll",
+                                                                             "payload", "input")})
+        if problems:
+            raise ValueError(problems[0])
         return self
 
     @property
@@ -206,7 +200,8 @@ def parse_schedule(spec: Any, *, limits: InputLimits | None = None) -> ScheduleS
 
 
 def _target_problems(spec: dict[str, Any]) -> list[str]:
-    """The target rules of :meth:`ScheduleSpec._one_target`, on the raw document."""
+    """The target rules (one of task, workflow_id, poll; payload and input with theirs), on a raw document or
+    on a parsed schedule's fields (:meth:`ScheduleSpec._one_target`): every problem, in order."""
     problems = []
     targets = [name for name in ("task", "workflow_id", "poll") if spec.get(name) is not None]
     if len(targets) != 1:
