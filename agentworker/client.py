@@ -9,6 +9,8 @@
         result = await job.result(timeout=30)                       # the task's return value, or raises
         async for event in client.events("acme", since="0"):        # catch up, then live
             ...
+        await client.cancel(job.job_id)     # queued: removed at once; running: its worker cancels it
+        await client.retry(job.job_id)      # a failed or cancelled job runs again (same id, same payload)
 
 The client routes each tenant itself (see :mod:`agentworker.routing`), checks admission (``max_pending``,
 ``rate_limit``) and enqueues in one atomic Redis call, through the service's own submitter
@@ -64,7 +66,7 @@ from typing import Any, Self
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agentworker import catalog, jobs, keys
+from agentworker import catalog, job_control, jobs, keys
 from agentworker.config import ConfigError, QuotaConfig, QuotaFileWatch, load_config, resolve_config_path
 from agentworker.db import Database, definitions, open_database, runs
 from agentworker.db import integrations as integration_rows
@@ -72,8 +74,13 @@ from agentworker.db import schedules as schedule_rows
 from agentworker.db.definitions import StoredWorkflow
 from agentworker.db.runs import RunRecord
 from agentworker.errors import AgentWorkerError
-from agentworker.events import Event, read_events
+from agentworker.events import Event, EventPublisher, read_events, stable_event_id
 from agentworker.integrations import DEFAULT_NAME, SETTINGS_BY_KIND, check_kind_and_name, parse_integration
+from agentworker.job_control import JobNotCancellable as JobNotCancellable  # re-exported, with JobView
+from agentworker.job_control import JobNotFound as JobNotFound
+from agentworker.job_control import JobNotRetryable as JobNotRetryable
+from agentworker.job_control import JobView as JobView
+from agentworker.jobs import JobCancelled
 from agentworker.llm_budget import LlmUsage, read_usage
 from agentworker.routing import Route, route_tenant, validate_tenant_id
 from agentworker.schedules.spec import InvalidSchedule, ScheduleSpec, parse_schedule, schedule_view
@@ -108,10 +115,15 @@ class ResultTimeout(AgentWorkerError, TimeoutError):
 
 
 class JobStatus(StrEnum):
+    """Where a job stands (:meth:`JobHandle.status`); :meth:`AgentWorkerClient.get_job` tells more."""
+
     DEFERRED = "deferred"
     QUEUED = "queued"
     IN_PROGRESS = "in_progress"
+    #: finished: completed or failed (its result says which)
     COMPLETE = "complete"
+    #: finished as cancelled on request (its result's error is ``JobCancelled``)
+    CANCELLED = "cancelled"
     NOT_FOUND = "not_found"
 
 
@@ -130,11 +142,13 @@ class JobResult:
 class JobHandle:
     """A job that was enqueued (``created``) or already existed under the same idempotency key."""
 
-    def __init__(self, redis: Redis, job_id: str, route: Route, created: bool) -> None:
+    def __init__(self, redis: Redis, job_id: str, route: Route, created: bool, *,
+                 client: AgentWorkerClient | None = None) -> None:
         self._redis = redis
         self.job_id = job_id
         self.route = route
         self.created = created
+        self._client = client
 
     def __repr__(self) -> str:
         return f"<JobHandle {self.job_id} queue={self.route.queue} created={self.created}>"
@@ -153,17 +167,38 @@ class JobHandle:
 
     async def status(self) -> JobStatus:
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.exists(jobs.result_key(self.job_id))
+            pipe.get(jobs.result_key(self.job_id))
             pipe.exists(jobs.in_progress_key(self.job_id))
             pipe.zscore(keys.tenant_queue(self.route.pool, self.route.shard, self.route.tenant_id), self.job_id)
-            has_result, in_progress, score = await pipe.execute()
-        if has_result:
+            result, in_progress, score = await pipe.execute()
+        if result is not None:
+            with contextlib.suppress(ValueError, TypeError, AttributeError, UnicodeDecodeError):
+                record = jobs.loads(result)
+                if not record.get("s") and (record.get("r") or {}).get("error") == JobCancelled.__name__:
+                    return JobStatus.CANCELLED
             return JobStatus.COMPLETE
         if in_progress:
             return JobStatus.IN_PROGRESS
         if score is None:
             return JobStatus.NOT_FOUND
         return JobStatus.DEFERRED if score > time.time() * 1000 else JobStatus.QUEUED
+
+    async def cancel(self, *, by: str = "") -> JobView:
+        """Cancel this job: :meth:`AgentWorkerClient.cancel`."""
+        return await self._job_control().cancel(self.job_id, by=by)
+
+    async def retry(self, *, by: str = "") -> JobView:
+        """Run this failed or cancelled job again: :meth:`AgentWorkerClient.retry`."""
+        return await self._job_control().retry(self.job_id, by=by)
+
+    async def view(self) -> JobView:
+        """This job as operators see it: :meth:`AgentWorkerClient.get_job`."""
+        return await self._job_control().get_job(self.job_id)
+
+    def _job_control(self) -> AgentWorkerClient:
+        if self._client is None:
+            raise RuntimeError("this JobHandle was made without a client; use AgentWorkerClient.job(job_id)")
+        return self._client
 
     async def result(self, timeout: float | None = None, *, poll_interval: float = 0.25) -> Any:
         """Wait for the job to finish; return its result or raise :class:`JobFailed`.
@@ -308,8 +343,8 @@ class AgentWorkerClient:
 
     def job(self, job_id: str) -> JobHandle:
         """A handle on an existing job id (``tenant:task:key``)."""
-        parsed = jobs.JobId.parse(job_id)
-        return JobHandle(self.redis, job_id, self.route(parsed.tenant_id), created=False)
+        parsed = job_control.parse_job_id(job_id)
+        return JobHandle(self.redis, job_id, self.route(parsed.tenant_id), created=False, client=self)
 
     async def enqueue(
         self,
@@ -331,7 +366,37 @@ class AgentWorkerClient:
         await self.follow_config()
         submitted = await self._submitter.submit(task, tenant_id, payload, idempotency_key=idempotency_key,
                                                  defer=defer)
-        return JobHandle(self.redis, submitted.job_id, submitted.route, created=submitted.created)
+        return JobHandle(self.redis, submitted.job_id, submitted.route, created=submitted.created, client=self)
+
+    # -- job control (agentworker.job_control) -------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> JobView:
+        """The job as operators see it: status (``queued``, ``deferred``, ``running``, ``completed``,
+        ``failed``, ``cancelled``, ``not_found``), tries, times, result or error. Raises
+        :class:`~agentworker.jobs.InvalidJob` for a malformed id (nothing is read then)."""
+        return await job_control.get_job(self.redis, job_id, config=self.config)
+
+    async def cancel(self, job_id: str, *, by: str = "") -> JobView:
+        """Cancel a job. A queued or deferred one is removed at once (view ``cancelled``; its result raises
+        :class:`JobFailed` with ``error == "JobCancelled"``); a running one is cancelled by its worker
+        within about a second (view ``running`` with ``cancel_requested``), and its workflow run ends
+        ``cancelled`` without starting another step. ``by``: who asks (in the event). Raises
+        :class:`~agentworker.job_control.JobNotFound`, :class:`~agentworker.job_control.JobNotCancellable`
+        (it has finished), :class:`~agentworker.jobs.InvalidJob`."""
+        return await job_control.cancel_job(self.redis, job_id, by=by, config=self.config, events=self._events(),
+                                            keep_result_s=self.settings.keep_result)
+
+    async def retry(self, job_id: str, *, by: str = "") -> JobView:
+        """Run a failed or cancelled job again under the same id and arguments (tries start from one;
+        admission applies: :class:`QuotaExceeded`, and the old result stays). Raises
+        :class:`~agentworker.job_control.JobNotFound`, :class:`~agentworker.job_control.JobNotRetryable`,
+        :class:`~agentworker.jobs.InvalidJob`."""
+        await self.follow_config()
+        return await job_control.retry_job(self.redis, self.config, job_id, by=by, events=self._events(),
+                                           max_payload_bytes=self.settings.max_payload_bytes)
+
+    def _events(self) -> EventPublisher:
+        return EventPublisher(self.redis, stream_maxlen=self.settings.event_stream_maxlen)
 
     async def pending_count(self, tenant_id: str) -> int:
         """Jobs of the tenant enqueued and not yet started (what ``max_pending`` limits)."""
@@ -448,6 +513,32 @@ class AgentWorkerClient:
         database = await self.database()
         async with database.tenant(tenant_id) as tx:
             return await runs.get_run(tx, run_id, with_steps=steps)
+
+    async def cancel_run(self, tenant_id: str, run_id: str, *, by: str = "") -> RunRecord | None:
+        """Cancel a run that waits for approval (it has no job to cancel): it ends ``cancelled`` with one
+        ``workflow_cancelled`` event, and a decision sent later finds it finished. None if the tenant has no
+        such run; :class:`RunNotCancellable` if it is not waiting (a running run is cancelled through its
+        job: :meth:`cancel`; a finished one stays as it is)."""
+        from agentworker.event_outbox import EventOutbox
+
+        by = job_control.check_by(by)
+        error = {"error": JobCancelled.__name__, "reason": "cancelled",
+                 "message": f"run {run_id} was cancelled while waiting for approval" + (f" by {by}" if by else "")}
+        database = await self.database()
+        outbox = EventOutbox(self._events(), self.database)
+        async with database.tenant(tenant_id) as tx:
+            run = await runs.get_run(tx, run_id)
+            if run is None:
+                return None
+            cancelled = await runs.cancel_waiting_run(tx, run.run_id, error=error)
+            if cancelled is None:
+                raise RunNotCancellable(f"run {run.run_id} is {run.status}, not waiting for approval; cancel a "
+                                        f"running run through its job")
+            await outbox.promise(tx, "workflow_cancelled",
+                                 {"workflow_id": run.workflow_id, "run_id": run.run_id, "step_id": None,
+                                  "status": "cancelled", "output": None, "error": error, "by": by},
+                                 stable_event_id(tenant_id, "workflow", run.run_id, "workflow_cancelled"))
+        return await self.get_run(tenant_id, run.run_id)
 
     async def list_runs(self, tenant_id: str, *, workflow_id: str | None = None, status: str | None = None,
                         limit: int = 50) -> list[RunRecord]:
@@ -577,6 +668,10 @@ def _utc_day(value: date | datetime | None) -> date | None:
     if isinstance(value, date):
         return value
     raise TypeError(f"since and until are dates or datetimes, not {type(value).__name__}")
+
+
+class RunNotCancellable(AgentWorkerError, ValueError):
+    """:meth:`AgentWorkerClient.cancel_run` for a run that is not waiting for approval."""
 
 
 class ScheduleNotFound(AgentWorkerError, LookupError):

@@ -30,6 +30,10 @@ What differs from ARQ is also how long a claim lives and who may end it:
 * **Only the holder ends a run.** Finishing checks the lease is still ours: a worker whose lease lapsed
   (a blocked loop, a partition) and whose job another worker took over writes nothing — the new
   holder's outcome wins — and renewal tells it which jobs it lost so it can cancel them.
+* **Cancel requests** (:mod:`agentworker.job_control`, ``cancel.lua``): a queued job is withdrawn from
+  its queue at once; a running one's id joins ARQ's abort set (``arq:abort``), which its worker polls for
+  the jobs it runs and the claim reads for each job it takes (the reply's last field); finishing a job
+  drops it from that set.
 * **Dead letters.** A queue entry that cannot be run (a record missing or of the wrong Redis type, found
   by the claim; a non-UTF-8 id or an undecodable record, found by the worker) is moved once, atomically,
   from the queue to the pool's hash ``agentworker:dead:{pool}`` with its reason (:data:`DEAD_LETTER_LUA`).
@@ -50,6 +54,7 @@ import time
 from functools import cache
 from importlib import resources
 
+from arq.constants import abort_jobs_ss
 from redis.asyncio import Redis
 
 from agentworker import jobs, keys
@@ -67,7 +72,7 @@ DEAD_LETTER_REASONS = ("non_utf8_id", "bad_id", "missing_record", "wrong_type", 
 
 _PREFIXES = {
     "%AW%": keys.PREFIX + ":", "%INPROG%": jobs.in_progress_key(""), "%ATTEMPT%": keys.job_attempt(""),
-    "%JOB%": jobs.job_key(""), "%RETRY%": jobs.retry_key(""),
+    "%JOB%": jobs.job_key(""), "%RETRY%": jobs.retry_key(""), "%ABORT%": abort_jobs_ss,
 }
 
 
@@ -76,7 +81,8 @@ def lua_source(name: str) -> str:
     """A script of ``agentworker/lua``: the worker-side ones with the shared functions prepended and the
     key prefixes filled in. ``enqueue`` is the producers' script, self-contained, as shipped."""
     text = resources.files("agentworker").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-    if name in ("claim", "finish", "release", "renew", "move_tenant"):  # (depth, limits: names from the prefixes only)
+    # (depth, limits: names from the prefixes only)
+    if name in ("claim", "finish", "release", "renew", "move_tenant", "cancel"):
         text = resources.files("agentworker").joinpath("lua", "_dispatch.lua").read_text(encoding="utf-8") \
             + "\n" + text
     for placeholder, prefix in _PREFIXES.items():

@@ -70,6 +70,14 @@ class JobDeferred(Exception):
         super().__init__(message)
 
 
+class JobCancelled(AgentWorkerError):
+    """The job was cancelled on request (:func:`agentworker.job_control.cancel_job`): it ends for good,
+    with this error in its result, a ``job_cancelled`` event and no retry. Raised inside a task (a
+    workflow about to start its next step) when it finds its cancel requested; the worker also ends a
+    running job this way by cancelling its asyncio task. Not the cancellation of a worker that is
+    stopping, which re-queues the job."""
+
+
 class InvalidJob(AgentWorkerError, ValueError):
     """A job that cannot be enqueued as given (bad task name, key, or payload)."""
 

@@ -22,7 +22,8 @@ _WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 
 JOBS_TOTAL = Counter(
     "agentworker_jobs_total", "Jobs finished, by outcome (success, failure, timeout, rejected, retry, "
-    "cancelled, deferred, poisoned, tries_exhausted, unreadable); task: other for a task the worker does not "
+    "cancelled (on request), interrupted (a stopping worker re-queued it), deferred, poisoned, tries_exhausted, "
+    "unreadable); task: other for a task the worker does not "
     "serve.", ["pool", "task", "outcome"])
 JOB_DURATION = Histogram(
     "agentworker_job_duration_seconds", "Time jobs ran, from start to finish.", ["pool", "task"],
@@ -72,8 +73,8 @@ LLM_SLOT_WAIT = Histogram(
 
 
 #: every ``outcome`` of agentworker_jobs_total (a worker creates each series at 0 when it starts)
-JOB_OUTCOMES = ("success", "failure", "timeout", "rejected", "retry", "cancelled", "deferred", "poisoned",
-                "tries_exhausted", "unreadable")
+JOB_OUTCOMES = ("success", "failure", "timeout", "rejected", "retry", "cancelled", "interrupted", "deferred",
+                "poisoned", "tries_exhausted", "unreadable")
 
 
 def zero_job_series(pool: str, tasks: Collection[str], tenants: Collection[str]) -> None:

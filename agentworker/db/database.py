@@ -29,7 +29,7 @@ APP_ROLE = "agentworker_app"
 SCHEMA = "agentworker"
 TENANT_SETTING = "agentworker.tenant_id"
 #: The newest migration the code expects; older databases are refused with "run agentworker migrate".
-REQUIRED_MIGRATION = 7
+REQUIRED_MIGRATION = 8
 
 _log = get_logger("agentworker.db")
 

@@ -24,9 +24,11 @@ class RunStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     REJECTED = "rejected"
+    #: its job was cancelled on request (agentworker.job_control; migration 0008)
+    CANCELLED = "cancelled"
 
 
-TERMINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.REJECTED})
+TERMINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.REJECTED, RunStatus.CANCELLED})
 
 
 class StepStatus(StrEnum):
@@ -239,20 +241,39 @@ async def find_run_by_key(tx: TenantTransaction, idempotency_key: str) -> RunRec
 
 
 async def fail_running_run(tx: TenantTransaction, run_id: str | uuid.UUID, *, job_id: str, error: Any,
-                           idle_for_s: float | None = None) -> RunRecord | None:
-    """Mark the run ``failed`` with ``error`` if it is still ``running`` and driven by ``job_id`` (and, with
-    ``idle_for_s``, not updated for that long); close its running steps. Return the failed run, or None
-    when it was not in that state (finished, waiting, picked up by another job, or failed by another
-    reporter already): the condition is in the ``UPDATE``, so of two reporters only one gets the run."""
+                           idle_for_s: float | None = None,
+                           status: RunStatus = RunStatus.FAILED) -> RunRecord | None:
+    """Mark the run ``failed`` (or ``status``: ``cancelled`` for a job cancelled on request) with ``error``
+    if it is still ``running`` and driven by ``job_id`` (and, with ``idle_for_s``, not updated for that
+    long); close its running steps. Return the run so ended, or None when it was not in that state
+    (finished, waiting, picked up by another job, or ended by another reporter already): the condition is
+    in the ``UPDATE``, so of two reporters only one gets the run."""
+    if status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+        raise ValueError(f"a running run is ended failed or cancelled, not {status}")
     run_uuid = parse_run_id(run_id)
     row = await tx.fetchrow(
-        f"UPDATE {SCHEMA}.workflow_runs SET status = 'failed', error = $3, updated_at = now(), finished_at = now() "
+        f"UPDATE {SCHEMA}.workflow_runs SET status = $5, error = $3, updated_at = now(), finished_at = now() "
         "WHERE run_id = $1 AND status = 'running' AND coalesce(job_id, idempotency_key) = $2 "
         "AND ($4::float8 IS NULL OR updated_at <= now() - make_interval(secs => $4::float8)) RETURNING *",
-        run_uuid, job_id, error, idle_for_s)
+        run_uuid, job_id, error, idle_for_s, status.value)
     if row is None:
         return None
     await interrupt_running_steps(tx, run_uuid)
+    return _run(row)
+
+
+async def cancel_waiting_run(tx: TenantTransaction, run_id: str | uuid.UUID, *, error: Any) -> RunRecord | None:
+    """End a run that waits for approval as ``cancelled`` (no job drives it, so there is no job to cancel):
+    its waiting steps are closed ``interrupted``; a later decision finds it finished. None when the run is
+    not waiting (the condition is in the ``UPDATE``)."""
+    run_uuid = parse_run_id(run_id)
+    row = await tx.fetchrow(
+        f"UPDATE {SCHEMA}.workflow_runs SET status = 'cancelled', error = $2, updated_at = now(), "
+        "finished_at = now() WHERE run_id = $1 AND status = 'waiting_approval' RETURNING *", run_uuid, error)
+    if row is None:
+        return None
+    await tx.execute(f"UPDATE {SCHEMA}.workflow_steps SET status = 'interrupted', finished_at = clock_timestamp() "
+                     "WHERE run_id = $1 AND status = 'waiting_approval'", run_uuid)
     return _run(row)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,9 @@ class RunContext:
     workflow_id: str
     run_id: str
     job_id: str
+    #: raises :class:`~agentworker.jobs.JobCancelled` when the job's cancel was requested: called before
+    #: each step starts, so no step starts after a cancel (None: never cancelled, e.g. in tests)
+    check_cancelled: Callable[[], Awaitable[None]] | None = None
 
     @property
     def tenant_id(self) -> str:

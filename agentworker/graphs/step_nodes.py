@@ -1,6 +1,10 @@
 """The graph node of each workflow step: skip if done, render inputs, attempt with retries and a timeout,
 record every attempt in the step table, emit the step events; approval steps pause with ``interrupt``.
 
+Before a step starts, the node asks whether its job's cancel was requested
+(:attr:`RunContext.check_cancelled`): :class:`~agentworker.jobs.JobCancelled` then ends the run, and no
+later step starts.
+
 LangGraph re-runs an interrupted node from its first line when the run resumes, and a run retried after
 a crash re-runs the nodes of the superstep that was cut short. So everything a node does before it
 finishes is idempotent: a step with a completed record is skipped (its stored output reused), the
@@ -76,6 +80,8 @@ def make_node(step: StepBase, run: RunContext) -> Node:
             return {"outputs": {step.id: done.output}}
         if state.get("halted"):
             return {}
+        if run.check_cancelled is not None:  # a cancelled job starts no further step
+            await run.check_cancelled()
         context = {"input": state.get("input"), "steps": state.get("outputs") or {}}
         if isinstance(step, ApprovalStep):
             return await _approval(step, run, context)

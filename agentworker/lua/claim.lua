@@ -5,7 +5,8 @@
 --       6 tenant lease ttl ms  7 attempt ttl ms  8 retry counter ttl s  9 ms before a capped tenant is
 --       looked at again without a finish
 -- Returns a list of entries:
---   {'run' | 'poisoned', id, score, record, try, crashes, crashed (0/1), tenant lease taken (0/1)}
+--   {'run' | 'poisoned', id, score, record, try, crashes, crashed (0/1), tenant lease taken (0/1),
+--    when its cancel was requested (ms; '' for none: arq:abort, agentworker.job_control)}
 --   {'dead', id, reason}          moved to the dead letters (its record is missing or not a string)
 --   {'refused', id, reason}       adopted from the inbox over its tenant's max_pending: the worker fails it
 --   {'capped', tenant}            the tenant is at its max_concurrency: its jobs wait (deferred, no try spent)
@@ -173,7 +174,9 @@ while added < n and guard > 0 do
           tries = tries + 1
           redis.call('SET', retry, tries, 'EX', ARGV[8])
         end
-        table.insert(out, {verdict, id, score, redis.call('GET', '%JOB%' .. id), tries, crashes, crashed, leased})
+        local cancel_at = redis.call('ZSCORE', '%ABORT%', id) or ''
+        table.insert(out, {verdict, id, score, redis.call('GET', '%JOB%' .. id), tries, crashes, crashed, leased,
+                           cancel_at})
         added = added + 1
       end
       if redis.call('ZCARD', tq) == 0 then redis.call('ZREM', KEYS[1], tenant) end

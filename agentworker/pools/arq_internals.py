@@ -48,11 +48,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from agentworker import jobs, keys, metrics
 from agentworker.config import PoolQuota
 from agentworker.job_leases import ATTEMPT_TTL_MS, CAPPED_RECHECK_MS, RETRY_TTL_S, dead_letter_record, lua_source
+from agentworker.jobs import JobCancelled
 from agentworker.jobs import JobDeferred as WaitForResource
 from agentworker.logs import get_logger
 from agentworker.pools.batching import ScriptBatcher
 from agentworker.pools.gate import ConcurrencyGate
 from agentworker.pools.leases import Leases
+from agentworker.tasks.context import CancelRequest
 from agentworker.tasks.envelope import FinalFailure, JobPoisoned, JobRejected, JobTriesExhausted, JobUnreadable
 
 log = get_logger("agentworker.worker")
@@ -146,6 +148,8 @@ class ShardWorker:
         self._wakeup = asyncio.Event()
         self._stopped = False
         self._lost: set[str] = set()
+        #: the cancel request of each job running here (filled in by :meth:`request_cancel`)
+        self._cancels: dict[str, CancelRequest] = {}
         #: how many jobs the last claim asked for and got: a full batch means more may be waiting
         self.last_claim: tuple[int, int] = (0, 0)
         self.redis_healthy = True
@@ -174,6 +178,23 @@ class ShardWorker:
         self._lost.add(job_id)
         task.cancel()
         return True
+
+    def request_cancel(self, job_id: str, requested_at_ms: int, by: str) -> bool:
+        """The job's cancel was requested (:mod:`agentworker.job_control`): cancel its task, and let it
+        end for good as cancelled (not re-queued). True if it runs here."""
+        task = self.tasks.get(job_id)
+        cancel = self._cancels.get(job_id)
+        if task is None or task.done() or cancel is None:
+            return False
+        if not cancel.requested:
+            cancel.requested_at_ms = requested_at_ms
+            cancel.by = by
+            log.info("cancelling job on request", job_id=job_id, by=by)
+            task.cancel()
+        return True
+
+    def running_job_ids(self) -> list[str]:
+        return [job_id for job_id, task in self.tasks.items() if not task.done()]
 
     # -- the loop --------------------------------------------------------------------------------------
 
@@ -263,9 +284,11 @@ class ShardWorker:
         if not have_slot:  # cannot happen (the claim takes at most `slots`): hand it back rather than overrun
             await self._finish_job(job_id, "requeue", None, None, None, int(float(entry[2])))
             return 0
+        cancel_at = entry[8] if len(entry) > 8 and entry[8] not in (b"", "", None) else None
         self.tasks[job_id] = task = asyncio.create_task(self.run_job(
             job_id, score=int(float(entry[2])), record=entry[3], job_try=int(entry[4]), crashes=int(entry[5]),
-            crashed=bool(int(entry[6])), poisoned=verdict == b"poisoned"))
+            crashed=bool(int(entry[6])), poisoned=verdict == b"poisoned",
+            cancel_requested_ms=None if cancel_at is None else int(float(cancel_at))))
         task.add_done_callback(functools.partial(self._job_finished, job_id=job_id))
         return 1
 
@@ -286,8 +309,12 @@ class ShardWorker:
     # -- one job ---------------------------------------------------------------------------------------
 
     async def run_job(self, job_id: str, *, score: int, record: bytes, job_try: int, crashes: int = 0,
-                      crashed: bool = False, poisoned: bool = False) -> None:
-        """Run one claimed job and finish it; never raises but for a Redis failure while finishing."""
+                      crashed: bool = False, poisoned: bool = False, cancel_requested_ms: int | None = None) -> None:
+        """Run one claimed job and finish it; never raises but for a Redis failure while finishing.
+
+        ``cancel_requested_ms``: the claim found the job's cancel requested: it is finished as cancelled
+        without running. A request that arrives while it runs cancels its task (:meth:`request_cancel`)."""
+        cancel = self._cancels[job_id] = CancelRequest()
         try:
             job = self.deserialize(record)
         except jobs.UnreadableJob as exc:
@@ -308,6 +335,15 @@ class ShardWorker:
         function = self.functions[name]
         quota = self._pool_quota()
         max_tries = quota.max_tries if function.max_tries is None else function.max_tries
+        if cancel_requested_ms is not None:
+            cancel.requested_at_ms = cancel_requested_ms
+            with contextlib.suppress(RedisError, OSError):
+                by = await self.pool.hget(keys.job_attempt(job_id), "cancel_by")  # type: ignore[misc]
+                cancel.by = by.decode(errors="replace") if isinstance(by, bytes) else ""
+            log.info("job cancelled on request before it started", job_id=job_id, task=name, by=cancel.by)
+            await self._fail_for_good(job_id, name, kwargs, enqueue_ms, job_try, score, "cancelled",
+                                      JobCancelled(cancel.message(job_id) + " before it started"), cancel=cancel)
+            return
         if poisoned:
             error: Exception = JobPoisoned(
                 f"job {job_id} was running each of the {crashes} times its worker died "
@@ -326,7 +362,7 @@ class ShardWorker:
             log.info("job runs again after its worker died", job_id=job_id, task=name, crashes=crashes,
                      job_try=job_try)
         ctx = {**self.ctx, "job_id": job_id, "job_try": job_try, "score": score, "crashes": crashes,
-               "enqueue_time": datetime.fromtimestamp(enqueue_ms / 1000, tz=UTC)}
+               "enqueue_time": datetime.fromtimestamp(enqueue_ms / 1000, tz=UTC), "cancel": cancel}
         start_ms = timestamp_ms()
         mode, requeue_at, success, result = "done", score, False, None
         try:
@@ -342,10 +378,20 @@ class ShardWorker:
             requeue_at = timestamp_ms() + int(exc.retry_after_s * 1000)
             self._on_deferred(job_id.split(":", 1)[0])
         except asyncio.CancelledError:
-            # A drain (or a lease another holder took over): the job runs again; this try is not counted.
-            mode = "requeue"
             if job_id in self._lost:
+                # A lease another holder took over: its outcome wins; nothing is written here.
+                mode = "requeue"
                 log.warning("job lease lost to another worker; stopped running it here", job_id=job_id)
+            elif cancel.requested:
+                # Cancelled on request: it ends for good (the envelope told it, unless it was cancelled
+                # before the envelope could).
+                result = JobCancelled(cancel.message(job_id))
+                if not cancel.told:
+                    await self._report(self._failure(job_id, name, kwargs, "cancelled", result, job_try, enqueue_ms,
+                                                     cancel=cancel))
+            else:
+                # A drain: the job runs again; this try is not counted.
+                mode = "requeue"
         except Exception as exc:  # the task's own failure (the envelope has reported it)
             result = exc
         finished_ms = timestamp_ms()
@@ -357,11 +403,12 @@ class ShardWorker:
         await asyncio.shield(self._finish_job(job_id, mode, result_data, function, requeue_at))
 
     async def _fail_for_good(self, job_id: str, name: str, kwargs: dict[str, Any], enqueue_ms: int,
-                             job_try: int, score: int, reason: str, error: Exception) -> None:
+                             job_try: int, score: int, reason: str, error: Exception,
+                             cancel: CancelRequest | None = None) -> None:
         now = timestamp_ms()
         result_data = serialize_result(name, (), kwargs, job_try, enqueue_ms, False, error, now, now,
                                        f"{job_id}:{name}", self.queue_name, job_id, serializer=self.serialize)
-        await self._report(self._failure(job_id, name, kwargs, reason, error, job_try, enqueue_ms))
+        await self._report(self._failure(job_id, name, kwargs, reason, error, job_try, enqueue_ms, cancel=cancel))
         await asyncio.shield(self._finish_job(job_id, "done", result_data, self.functions.get(name), score))
 
     async def _finish_job(self, job_id: str, mode: str, result_data: bytes | None, function: Function | None,
@@ -441,9 +488,10 @@ class ShardWorker:
             await self.pool.set(jobs.result_key(job_id), data or b"", px=int(self.keep_result_s * 1000) or None)
 
     def _failure(self, job_id: str, task: str | None, payload: dict[str, Any] | None, reason: str,
-                 error: Exception, job_try: int, enqueue_ms: int = 0) -> FinalFailure:
+                 error: Exception, job_try: int, enqueue_ms: int = 0, *,
+                 cancel: CancelRequest | None = None) -> FinalFailure:
         return FinalFailure(job_id=job_id, task=task, payload=payload, reason=reason, error=error, job_try=job_try,
-                            queue=self.queue_name, shard=self.shard, enqueue_time_ms=enqueue_ms)
+                            queue=self.queue_name, shard=self.shard, enqueue_time_ms=enqueue_ms, cancel=cancel)
 
     async def _report(self, failure: FinalFailure) -> None:
         try:
@@ -455,6 +503,7 @@ class ShardWorker:
 
     def _job_finished(self, task: asyncio.Task[Any], *, job_id: str) -> None:
         self._lost.discard(job_id)
+        self._cancels.pop(job_id, None)
         self.gate.release()
         self._on_done(job_id)
         slots, started = self.last_claim

@@ -11,6 +11,10 @@ supervisor releases its jobs the moment it reaps it.
 Wake-ups: the enqueue script publishes the queue name on ``agentworker:wakeup:{pool}``; the process
 listens and polls that shard at once, so polling (``AGENTWORKER_POLL_INTERVAL``) is only a fallback.
 
+Cancel requests (:mod:`agentworker.job_control`): twice a second, while jobs run, one ``ZMSCORE`` of their
+ids in ``arq:abort``; a requested job's task is cancelled and the job ends for good as ``JobCancelled``
+(not the re-queue of a drain).
+
 Signals (handlers only set flags; the main loop acts):
 
 * SIGTERM / SIGINT: stop taking jobs, give running jobs ``AGENTWORKER_SHUTDOWN_GRACE`` seconds, cancel the
@@ -48,6 +52,7 @@ from agentworker import catalog, jobs, keys, metrics
 from agentworker.config import ConfigError, QuotaConfig, load_config, resolve_config_path
 from agentworker.event_outbox import relay_forever
 from agentworker.events import EventPublisher
+from agentworker.job_control import CANCEL_REQUESTS
 from agentworker.job_leases import publish_limits, quota_file_version
 from agentworker.logs import configure_logging, get_logger
 from agentworker.pools.arq_internals import ShardWorker
@@ -65,6 +70,8 @@ log = get_logger("agentworker.worker")
 
 EXIT_OK, EXIT_CONFIG, EXIT_CRASH = 0, 2, 3
 STATUS_INTERVAL_S = 1.0
+#: how often the cancel requests of running jobs are looked at
+CANCEL_CHECK_INTERVAL_S = 0.5
 
 
 def build_functions(registry: TaskRegistry, job_timeout: float) -> list[Function]:
@@ -152,6 +159,8 @@ class WorkerProcess:
         background = [
             asyncio.create_task(self.leases.renew_forever(self._leases_lost), name="lease-renewal"),
             asyncio.create_task(self._listen_for_wakeups(), name="wakeups"),
+            # Cancel requests of the jobs running here (agentworker.job_control): looked at twice a second.
+            asyncio.create_task(self._watch_cancel_requests(), name="cancel-requests"),
             asyncio.create_task(self._write_status_forever(), name="status"),
             # Tenant schedules: every worker process dispatches (see agentworker.schedules.dispatcher).
             asyncio.create_task(dispatch_schedules(self.runtime), name="schedule-dispatcher"),
@@ -314,6 +323,47 @@ class WorkerProcess:
                     break
             else:
                 self.leases.forget(job_id)
+
+    async def _watch_cancel_requests(self) -> None:
+        """Every :data:`CANCEL_CHECK_INTERVAL_S`, while jobs run here: one ``ZMSCORE`` of their ids in the
+        cancel requests (``arq:abort``); a requested one is cancelled (:meth:`ShardWorker.request_cancel`).
+        Polling rather than pub/sub: a request made while this process was not listening (a Redis blip, a
+        restart) is still seen, and the cost is one command per half second, only while jobs run."""
+        failing = False
+        while True:
+            await asyncio.sleep(CANCEL_CHECK_INTERVAL_S)
+            running = [job_id for worker in self.workers for job_id in worker.running_job_ids()]
+            if not running:
+                continue
+            try:
+                found = await self._cancel_requests_of(running)
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("cannot read cancel requests; retrying", error=str(exc))
+                failing = True
+                continue
+            failing = False
+            for job_id, (requested_at_ms, by) in found.items():
+                for worker in self.workers:
+                    if worker.request_cancel(job_id, requested_at_ms, by):
+                        break
+
+    async def _cancel_requests_of(self, job_ids: list[str]) -> dict[str, tuple[int, str]]:
+        """Of ``job_ids``, those whose cancel was requested: id -> (when, who)."""
+        found: dict[str, tuple[int, str]] = {}
+        for start in range(0, len(job_ids), 1000):
+            chunk = job_ids[start:start + 1000]
+            scores = await self.redis.zmscore(CANCEL_REQUESTS, chunk)
+            requested = [(job_id, int(score)) for job_id, score in zip(chunk, scores, strict=True) if score is not None]
+            if not requested:
+                continue
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in requested:
+                    pipe.hget(keys.job_attempt(job_id), "cancel_by")
+                whos = await pipe.execute()
+            for (job_id, at_ms), who in zip(requested, whos, strict=True):
+                found[job_id] = (at_ms, who.decode(errors="replace") if isinstance(who, bytes) else "")
+        return found
 
     # -- wake-ups and status ---------------------------------------------------------------------------
 

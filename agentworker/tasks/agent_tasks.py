@@ -27,6 +27,11 @@ the task already published it for that very exception:
 
 ``handle_message`` also fails the workflow run it may have been running in-process (keyed by its job
 id), as ``execute_workflow``'s hook does.
+
+**Cancel** (:mod:`agentworker.job_control`): a job cancelled on request publishes ``agent_cancelled``
+(the same identity, ``error`` ``JobCancelled``, ``by``) instead of ``agent_run_failed``; its worker cancels
+the run's task, so the agent stops at its next await (a model or tool call in flight is abandoned; a
+side effect already recorded in the ledger stays done). A run paused for approval has no job to cancel.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentworker.db import DatabaseUnavailable
 from agentworker.errors import AgentWorkerError
-from agentworker.jobs import JobDeferred
+from agentworker.jobs import JobCancelled, JobDeferred
 from agentworker.settings import InputLimits
 from agentworker.tasks.context import JobContext
 from agentworker.tasks.registry import task
@@ -82,7 +87,7 @@ _REPORTED_MARK = "_agentworker_agent_run_failed"
 
 
 async def _failed(ctx: JobContext, identity: dict[str, Any], exc: BaseException) -> None:
-    if isinstance(exc, JobDeferred):  # waiting for the tenant's LLM budget is not failing
+    if isinstance(exc, JobDeferred | JobCancelled):  # waiting for the LLM budget, or cancelled: not failing
         return
     await ctx.emit_best_effort("agent_run_failed", {**identity, "error": type(exc).__name__, "message": str(exc)[:500]})
     with contextlib.suppress(AttributeError, TypeError):
@@ -90,7 +95,15 @@ async def _failed(ctx: JobContext, identity: dict[str, Any], exc: BaseException)
 
 
 async def _failed_for_good(ctx: JobContext, identity: dict[str, Any], reason: str, error: BaseException) -> None:
-    """The hooks' half of ``agent_run_failed`` (see the module's docstring). Never raises."""
+    """The hooks' half of ``agent_run_failed`` (see the module's docstring); for reason ``cancelled``,
+    ``agent_cancelled``. Never raises."""
+    if reason == "cancelled":
+        try:
+            await ctx.emit_best_effort("agent_cancelled", {**identity, "error": type(error).__name__,
+                                                           "message": str(error)[:500], "by": ctx.cancel.by})
+        except Exception as exc:  # a hook must not raise
+            ctx.log.exception("agent_cancelled not published", error=repr(exc))
+        return
     if getattr(error, _REPORTED_MARK, False):
         return
     try:

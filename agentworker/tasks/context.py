@@ -8,14 +8,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from arq.constants import abort_jobs_ss
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agentworker import metrics
+from agentworker import keys, metrics
 from agentworker.config import QuotaConfig, TenantLimits
 from agentworker.db import Database, open_database
 from agentworker.event_outbox import EventOutbox
 from agentworker.events import EventPublisher
+from agentworker.jobs import JobCancelled
 from agentworker.llm_budget import LlmBudget
 from agentworker.logs import Logger
 from agentworker.settings import Settings
@@ -111,6 +113,27 @@ class JobRuntime:
 
 
 @dataclass
+class CancelRequest:
+    """Whether the job's cancel was requested (:mod:`agentworker.job_control`), shared by the worker that
+    runs the job and the job's envelope: the worker fills it in before it cancels the job's task, or
+    :meth:`JobContext.raise_if_cancelled` does when it finds the request itself."""
+
+    #: when the cancel was first requested (ms since the epoch); None while it is not
+    requested_at_ms: int | None = None
+    #: who asked (as given to cancel_job)
+    by: str = ""
+    #: set once the envelope has told how the job ended (the ``job_cancelled`` event, the task's hook)
+    told: bool = False
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at_ms is not None
+
+    def message(self, job_id: str) -> str:
+        return f"job {job_id} was cancelled" + (f" by {self.by}" if self.by else "")
+
+
+@dataclass
 class JobContext:
     """Passed as the first argument of every task. Everything on it belongs to ``tenant_id``."""
 
@@ -125,6 +148,8 @@ class JobContext:
     runtime: JobRuntime
     log: Logger
     started_monotonic: float = field(default_factory=time.monotonic)
+    #: the job's cancel request, as its worker knows it
+    cancel: CancelRequest = field(default_factory=CancelRequest)
 
     @property
     def pool(self) -> str:
@@ -138,6 +163,26 @@ class JobContext:
     def remaining(self) -> float:
         """Seconds left before the job's timeout."""
         return max(0.0, self.timeout - (time.monotonic() - self.started_monotonic))
+
+    async def raise_if_cancelled(self) -> None:
+        """Raise :class:`~agentworker.jobs.JobCancelled` if the job's cancel was requested: known to its
+        worker already, or found now in Redis (one ``ZSCORE``). For a task between two units of work (a
+        workflow before each step): the worker cancels a running job within about a second on its own,
+        this makes the boundary exact. Redis unreachable: not cancelled (the worker's own check follows)."""
+        if not self.cancel.requested:
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zscore(abort_jobs_ss, self.job_id)
+                    pipe.hget(keys.job_attempt(self.job_id), "cancel_by")
+                    requested_at, by = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                self.log.warning("cannot check for a cancel request", error=str(exc))
+                return
+            if requested_at is None:
+                return
+            self.cancel.requested_at_ms = int(requested_at)
+            self.cancel.by = by.decode(errors="replace") if isinstance(by, bytes) else str(by or "")
+        raise JobCancelled(self.cancel.message(self.job_id))
 
     async def scope(self, *, checkpoints: bool = False) -> TenantScope:
         """The tenant's services for this job: its database, its events (best effort, and the outbox for

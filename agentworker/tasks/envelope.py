@@ -19,6 +19,16 @@ poisoned           its worker died each time it ran it, more than ``max_crash_re
 tries_exhausted    it asked for another try after its last one                                 the worker
 unreadable         its queue entry could not be read; it is in the pool's dead letters         the worker
 =================  ==========================================================================  =============
+
+A job cancelled on request (:mod:`agentworker.job_control`) is not a failure: it publishes
+``job_cancelled`` (with ``by``, and a stable id per request) instead of ``job_failed``, counts as outcome
+``cancelled``, and calls the same hook with reason ``cancelled`` (which ends the workflow run as
+``cancelled``, an agent run with ``agent_cancelled``). It is cancelled while it runs (its worker cancels
+the task: ``CancelledError`` with the request known), when a task finds the request itself
+(:meth:`JobContext.raise_if_cancelled <agentworker.tasks.context.JobContext.raise_if_cancelled>` raises
+:class:`~agentworker.jobs.JobCancelled`), or before it starts (the claim saw the request: the worker
+reports it with reason ``cancelled``). A worker that is *stopping* also cancels the tasks of jobs still
+running after the grace period: that is outcome ``interrupted``, and the job runs again.
 """
 
 from __future__ import annotations
@@ -39,10 +49,11 @@ from redis.exceptions import RedisError
 from agentworker import keys, metrics
 from agentworker.config import QuotaConfig, StoredTenant
 from agentworker.errors import AgentWorkerError
-from agentworker.jobs import JobDeferred, JobId, error_record
+from agentworker.job_control import cancelled_event_id
+from agentworker.jobs import JobCancelled, JobDeferred, JobId, error_record
 from agentworker.logs import get_logger
 from agentworker.routing import InvalidTenantId, route_tenant, validate_tenant_id
-from agentworker.tasks.context import JobContext, JobRuntime
+from agentworker.tasks.context import CancelRequest, JobContext, JobRuntime
 from agentworker.tasks.registry import PayloadError, Task, TaskRegistry
 from agentworker.tasks.schedule_outcomes import record_outcome
 
@@ -90,6 +101,8 @@ class FinalFailure:
     queue: str
     shard: int
     enqueue_time_ms: int = 0
+    #: reason ``cancelled``: the request the claim saw (who asked, when)
+    cancel: CancelRequest | None = None
 
 
 def _result_preview(result: Any) -> Any:
@@ -217,10 +230,11 @@ async def reject(runtime: JobRuntime, arq_ctx: dict[str, Any], reason: str, task
 
 
 def _context(runtime: JobRuntime, *, tenant_id: str, job_id: str, task: str, job_try: int, queue: str,
-             shard: int, enqueue_time_ms: int, timeout: float) -> JobContext:
+             shard: int, enqueue_time_ms: int, timeout: float, cancel: CancelRequest | None = None) -> JobContext:
     bound = log.bind(tenant_id=tenant_id, job_id=job_id, task=task)
     return JobContext(tenant_id=tenant_id, job_id=job_id, task=task, job_try=job_try, queue=queue, shard=shard,
-                      enqueue_time_ms=enqueue_time_ms, timeout=timeout, runtime=runtime, log=bound)
+                      enqueue_time_ms=enqueue_time_ms, timeout=timeout, runtime=runtime, log=bound,
+                      cancel=cancel if cancel is not None else CancelRequest())
 
 
 async def _run_final_failure_hook(task: Task, ctx: JobContext, payload: dict[str, Any], reason: str,
@@ -245,15 +259,46 @@ async def report_final_failure(runtime: JobRuntime, registry: TaskRegistry, fail
                                      failure.reason).inc()
     if tenant is None:
         return
-    await _publish(runtime, tenant, "job_failed", {"job_id": failure.job_id, "task": failure.task,
-                                                   "try": failure.job_try, "reason": failure.reason, **error})
+    base = {"job_id": failure.job_id, "task": failure.task, "try": failure.job_try}
     task = registry.get(failure.task) if failure.task else None
-    if task is None or failure.payload is None or failure.payload.get("tenant_id") != tenant:
+    hooked = task is not None and failure.payload is not None and failure.payload.get("tenant_id") == tenant
+    if failure.reason == "cancelled":
+        ctx = _context(runtime, tenant_id=tenant, job_id=failure.job_id, task=failure.task or "unknown",
+                       job_try=failure.job_try, queue=failure.queue, shard=failure.shard,
+                       enqueue_time_ms=failure.enqueue_time_ms, timeout=_HOOK_TIMEOUT_S, cancel=failure.cancel)
+        await tell_cancelled(ctx, task if hooked else None, failure.payload or {}, base)
+        return
+    await _publish(runtime, tenant, "job_failed", {**base, "reason": failure.reason, **error})
+    if task is None or failure.payload is None or not hooked:
         return
     ctx = _context(runtime, tenant_id=tenant, job_id=failure.job_id, task=task.name, job_try=failure.job_try,
                    queue=failure.queue, shard=failure.shard, enqueue_time_ms=failure.enqueue_time_ms,
                    timeout=_HOOK_TIMEOUT_S)
     await _run_final_failure_hook(task, ctx, failure.payload, failure.reason, failure.error)
+
+
+async def tell_cancelled(ctx: JobContext, task: Task | None, payload: dict[str, Any], base: dict[str, Any]) -> None:
+    """Tell that the job was cancelled on request: a log line, ``job_cancelled`` (its id stable per
+    request, so a second telling is the same event), its schedule's outcome, and the task's hook with
+    reason ``cancelled``. Never raises for a lost event."""
+    cancel = ctx.cancel
+    if cancel.told:
+        return
+    cancel.told = True
+    error = JobCancelled(cancel.message(ctx.job_id))
+    ctx.log.info("job cancelled on request", by=cancel.by)
+    data = {**base, "reason": "requested", "by": cancel.by, **error_record(error)}
+    requested_ms = cancel.requested_at_ms if cancel.requested_at_ms is not None else int(time.time() * 1000)
+    event_id = cancelled_event_id(ctx.tenant_id, ctx.job_id, requested_ms)
+    events = ctx.runtime.events
+    try:
+        _record, body = events.prepare(ctx.tenant_id, "job_cancelled", data, event_id)
+        await events.publish_once_nowait(ctx.tenant_id, event_id, body)
+    except (RedisError, OSError) as exc:
+        log.warning("event not published", event_name="job_cancelled", error=str(exc))
+    await record_outcome(ctx.runtime, ctx.tenant_id, ctx.job_id, {**data, "reason": "cancelled"})
+    if task is not None:
+        await _run_final_failure_hook(task, ctx, payload, "cancelled", error)
 
 
 def make_reject_function() -> ArqJobFunction:
@@ -342,7 +387,8 @@ async def _admit(task: Task, arq_ctx: dict[str, Any], payload: dict[str, Any]) -
         timeout = min(timeout, task.timeout)
     ctx = _context(runtime, tenant_id=tenant_id, job_id=job_id, task=task.name,
                    job_try=arq_ctx.get("job_try") or 1, queue=queue, shard=arq_ctx["shard"],
-                   enqueue_time_ms=int(arq_ctx["enqueue_time"].timestamp() * 1000), timeout=timeout)
+                   enqueue_time_ms=int(arq_ctx["enqueue_time"].timestamp() * 1000), timeout=timeout,
+                   cancel=arq_ctx.get("cancel"))
     try:
         task.check_payload(ctx, payload)
     except PayloadError as exc:
@@ -356,7 +402,8 @@ class _Ending(enum.Enum):
     TIMED_OUT = "timeout", "it ran past its deadline (told as it happened)"
     RETRY_ASKED = "retry", "the task raised ARQ's Retry"
     RETRY_ON_ERROR = "retry", "the task raised one of its retry_on, with tries left: ARQ gets a Retry"
-    CANCELLED = "cancelled", "the worker cancelled it (stopping): ARQ runs the job again"
+    INTERRUPTED = "interrupted", "the worker cancelled it (stopping): the job runs again"
+    CANCEL_REQUESTED = "cancelled", "cancelled on request (job_control): ends for good, no retry"
     DEFERRED = "deferred", "it must wait for a resource (its tenant's LLM budget): queued again, no try spent"
     FAILED = "failure", "the task raised any other error: the job failed for good"
     UNTOLD = "failure", "not an error (KeyboardInterrupt...), or a JobTimedOut of the task's own: only counted"
@@ -410,8 +457,10 @@ class _Run:
             return _Ending.TIMED_OUT if self.timed_out else _Ending.UNTOLD
         if isinstance(error, Retry):
             return _Ending.RETRY_ASKED
+        if isinstance(error, JobCancelled) or (isinstance(error, asyncio.CancelledError) and self.ctx.cancel.requested):
+            return _Ending.CANCEL_REQUESTED
         if isinstance(error, asyncio.CancelledError):
-            return _Ending.CANCELLED
+            return _Ending.INTERRUPTED
         if isinstance(error, JobDeferred):
             return _Ending.DEFERRED
         runtime = self.ctx.runtime
@@ -428,8 +477,10 @@ class _Run:
             defer = (error.defer_score or 0) / 1000
             self.ctx.log.info("job will be retried", defer_s=defer)
             await self._publish("job_retrying", {"defer": defer})
-        elif ending is _Ending.CANCELLED:
-            self.ctx.log.info("job cancelled; it will run again")
+        elif ending is _Ending.INTERRUPTED:
+            self.ctx.log.info("job interrupted (its worker is stopping); it will run again")
+        elif ending is _Ending.CANCEL_REQUESTED:
+            await tell_cancelled(self.ctx, self.task, self.payload, self.base)
         elif ending is _Ending.DEFERRED:
             assert isinstance(error, JobDeferred)
             self.ctx.log.info("job deferred; it runs again later without spending a try", reason=error.reason,

@@ -14,6 +14,15 @@ tries, or its worker died running it too often), ends the run it was driving as 
 ``{"error", "message", "reason"}`` and one ``workflow_run_failed`` (:func:`fail_job_run`, the tasks'
 ``on_final_failure`` hook); if PostgreSQL is down then, the run sweeper
 (:mod:`agentworker.tasks.run_sweeper`) fails the run later.
+
+**Cancel** (:mod:`agentworker.job_control`): a job cancelled on request ends the run it drives as
+``cancelled`` (the same hook, reason ``cancelled``; its error ``{"error": "JobCancelled", ...}``) with one
+``workflow_cancelled`` event; the step under way is closed ``interrupted``. The executor asks before it
+starts each step (:meth:`JobContext.raise_if_cancelled
+<agentworker.tasks.context.JobContext.raise_if_cancelled>`), so a cancel that arrives while a step runs
+lets no later step start, even if the step finishes first. A run *waiting for approval* has no job: its
+job has finished, so cancelling that job id is refused (``JobNotCancellable``); reject the approval
+(``resume_run`` with ``reject``) to end such a run.
 """
 
 from __future__ import annotations
@@ -80,12 +89,15 @@ def final_failure_error(reason: str, error: BaseException) -> dict[str, Any]:
 
 
 async def fail_job_run(ctx: JobContext, reason: str, error: BaseException, *, run_id: str | None = None) -> None:
-    """End the run ``ctx``'s job was driving as ``failed``: ``run_id``, or else the run whose idempotency
+    """End the run ``ctx``'s job was driving as ``failed`` (``cancelled``, with ``workflow_cancelled``,
+    for reason ``cancelled``): ``run_id``, or else the run whose idempotency
     key is the job id (the one ``execute_workflow`` makes). Only a run still ``running`` under this job
     changes, in one conditional ``UPDATE``: a run waiting for approval, finished, already failed by the
     task itself, or picked up by another job is left as it is and nothing is emitted. Never raises; with
     PostgreSQL down it logs, and the run sweeper fails the run once it is reachable again."""
     recorded = final_failure_error(reason, error)
+    cancelled = reason == "cancelled"
+    status = RunStatus.CANCELLED if cancelled else RunStatus.FAILED
     try:
         async with asyncio.timeout(_HOOK_DATABASE_BUDGET_S):
             database = await database_of(ctx)
@@ -96,10 +108,11 @@ async def fail_job_run(ctx: JobContext, reason: str, error: BaseException, *, ru
                     found = await runs.find_run_by_key(tx, ctx.job_id)
                     target = found.run_id if found is not None else None
                 run = None if target is None else await runs.fail_running_run(tx, target, job_id=ctx.job_id,
-                                                                               error=recorded)
+                                                                               error=recorded, status=status)
                 if run is not None:
-                    await promise_run_event(outbox, tx, run, "workflow_run_failed",
-                                            run_event(run, "failed", None, {"error": recorded}))
+                    event = "workflow_cancelled" if cancelled else "workflow_run_failed"
+                    await promise_run_event(outbox, tx, run, event, run_event(run, status.value, None,
+                                                                              {"error": recorded}))
     except (DatabaseError, TimeoutError, OSError) as exc:
         ctx.log.warning("run not marked failed; the run sweeper will", reason=reason, error=str(exc) or repr(exc))
         return
@@ -108,7 +121,8 @@ async def fail_job_run(ctx: JobContext, reason: str, error: BaseException, *, ru
         return
     if run is None:
         return
-    ctx.log.warning("run failed with its job", run_id=run.run_id, workflow_id=run.workflow_id, reason=reason)
+    ctx.log.warning("run cancelled with its job" if cancelled else "run failed with its job", run_id=run.run_id,
+                    workflow_id=run.workflow_id, reason=reason)
 
 
 async def _execute_workflow_failed(ctx: JobContext, payload: dict[str, Any], reason: str,
@@ -251,7 +265,8 @@ async def _advance(ctx: JobContext, database: Database, run: RunRecord, definiti
 
     definition = parse_workflow(definition_json)
     scope = (await ctx.scope()).bind(run_id=run.run_id, workflow_id=run.workflow_id)
-    context = RunContext(scope=scope, workflow_id=run.workflow_id, run_id=run.run_id, job_id=ctx.job_id)
+    context = RunContext(scope=scope, workflow_id=run.workflow_id, run_id=run.run_id, job_id=ctx.job_id,
+                         check_cancelled=ctx.raise_if_cancelled)
     checkpoints = await ctx.runtime.checkpoints()
     budget = max(0.5, ctx.remaining - _RECORD_MARGIN_S)
     deadline = asyncio.timeout(budget)
