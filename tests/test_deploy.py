@@ -289,9 +289,10 @@ def test_example_overlay_pins_the_image_by_digest_and_scopes_keda() -> None:
     kustomization = yaml.safe_load((EXAMPLE / "kustomization.yaml").read_text())
     (image,) = kustomization["images"]
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", image["digest"]) and "newTag" not in image
-    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
-    pod = deployment["spec"]["template"]["spec"]
-    assert {c["image"] for c in pod["containers"] + pod["initContainers"]} == {
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == {"agentworker", "agentworker-webhooks"}  # the webhook ingress is included
+    pods = [d["spec"]["template"]["spec"] for d in deployments.values()]
+    assert {c["image"] for pod in pods for c in pod["containers"] + pod.get("initContainers", [])} == {
         f"{image['newName']}@{image['digest']}"}
     (scaled,) = [d for d in docs if d["kind"] == "ScaledObject"]
     assert f'namespace="{kustomization["namespace"]}"' in scaled["spec"]["triggers"][0]["metadata"]["query"]

@@ -1,7 +1,9 @@
 """Incoming webhooks: verify the signature first, deduplicate on the delivery id, start the workflow.
 
-The backend receives the provider's HTTP call and enqueues ``handle_webhook`` with the source's name, the
-request's headers and its raw body (``body_encoding="base64"`` for a body that is not UTF-8 text). The
+The webhook ingress (``agentworker webhooks``, :mod:`agentworker.ingress`), or the backend, receives the
+provider's HTTP call and enqueues ``handle_webhook`` with the source's name, the request's headers and its
+raw body (``body_encoding="base64"`` for a body that is not UTF-8 text). The ingress runs :func:`verify`,
+:func:`check_media_type` and :func:`parse_json_body` before it answers; the worker runs them again. The
 source is a tenant integration (kind ``webhook``, name = the source) holding the signing secret and the
 workflow to start (:class:`~agentworker.integrations.WebhookSettings`).
 
@@ -125,11 +127,9 @@ def _media_type(declared: str) -> tuple[str, str | None]:
     return media_type.strip().lower(), charset
 
 
-def parse_json_body(headers: Mapping[str, str], body: bytes) -> Any:
-    """The body as JSON, checked to be declared and to be JSON; raise :class:`WebhookRejected` if not.
-
-    ``headers`` are lowercased names.
-    """
+def check_media_type(headers: Mapping[str, str]) -> None:
+    """Raise :class:`WebhookRejected` (``unsupported_media_type``) unless ``Content-Type`` declares JSON in
+    UTF-8; ``headers`` are lowercased names. The ingress checks this before it reads the body."""
     declared = headers.get("content-type", "").strip()
     if not declared:
         raise WebhookRejected("unsupported_media_type",
@@ -141,6 +141,14 @@ def parse_json_body(headers: Mapping[str, str], body: bytes) -> Any:
         raise WebhookRejected("unsupported_media_type",
                               f"the body's Content-Type is {declared[:_MAX_SHOWN]!r}; webhook bodies must be "
                               f"application/json (UTF-8)")
+
+
+def parse_json_body(headers: Mapping[str, str], body: bytes) -> Any:
+    """The body as JSON, checked to be declared and to be JSON; raise :class:`WebhookRejected` if not.
+
+    ``headers`` are lowercased names.
+    """
+    check_media_type(headers)
     too_deep = WebhookRejected("bad_body", f"the body nests objects or arrays deeper than the "
                                            f"{MAX_BODY_DEPTH}-level limit")
     try:
@@ -159,6 +167,11 @@ def delivery_id_of(settings: WebhookSettings, headers: Mapping[str, str], body: 
     if not value or len(value) > _MAX_DELIVERY_ID or not value.isprintable():
         return "sha256:" + hashlib.sha256(body).hexdigest()
     return value
+
+
+def delivery_key(source: str, delivery_id: str) -> str:
+    """The idempotency key of a delivery's jobs: ``wh-{source}-{32 hex digits of its SHA-256}``."""
+    return f"wh-{source}-{hashlib.sha256(delivery_id.encode()).hexdigest()[:32]}"
 
 
 def _workflow_input(source: str, delivery_id: str, headers: Mapping[str, str], payload: Any,
@@ -182,7 +195,7 @@ async def receive(database: Database, submitter: JobSubmitter, tenant_id: str, s
         raise WebhookRejected(exc.outcome, f"webhook from source {source!r} rejected: {exc}") from None
 
     delivery = delivery_id_of(settings, lowered, body)
-    key = f"wh-{source}-{hashlib.sha256(delivery.encode()).hexdigest()[:32]}"
+    key = delivery_key(source, delivery)
     async with database.tenant(tenant_id) as tx:
         await tx.execute(f"DELETE FROM {SCHEMA}.webhook_deliveries WHERE source = $1 AND "
                          f"received_at < now() - make_interval(days => {DELIVERY_RETENTION_DAYS})", source)

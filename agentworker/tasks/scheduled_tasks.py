@@ -2,8 +2,9 @@
 
 * ``poll_source(tenant_id, schedule_id, due_at)`` — enqueued by the dispatcher at each due time of a
   ``poll`` schedule: reads the source after its cursor and starts the workflow once per new item;
-* ``handle_webhook(tenant_id, source, headers, body, body_encoding="text")`` — enqueued by the backend
-  for each incoming webhook call: verifies the signature, deduplicates, starts the source's workflow;
+* ``handle_webhook(tenant_id, source, headers, body, body_encoding="text", received_at=None)`` — enqueued
+  by the webhook ingress (``agentworker webhooks``, :mod:`agentworker.ingress`) or by the backend for each
+  incoming webhook call: verifies the signature, deduplicates, starts the source's workflow;
 * ``send_run_report(tenant_id, to, period_hours=24, period_end=None, subject=None)`` — emails the
   tenant's run report for the period, once.
 
@@ -13,6 +14,7 @@ over its quota) with backoff while the pool's ``max_tries`` allow.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from agentworker.db import DatabaseUnavailable
@@ -36,16 +38,38 @@ async def poll_source(ctx: JobContext, tenant_id: str, schedule_id: str, due_at:
     return result.to_dict()
 
 
+#: how old a ``received_at`` of ``handle_webhook`` may be: the life of an unclaimed job (ARQ's expiry)
+_MAX_RECEIVED_AGE_S = 86_400.0
+#: how far in the future it may be (clocks of two hosts disagree a little, not by minutes)
+_MAX_RECEIVED_AHEAD_S = 60.0
+
+
 @task(retry_on=(DatabaseUnavailable, QuotaExceeded))
 async def handle_webhook(ctx: JobContext, tenant_id: str, source: str, headers: dict[str, Any], body: str,
-                         body_encoding: str = "text") -> dict[str, Any]:
-    """Verify an incoming webhook of ``source`` and start its workflow once per delivery."""
+                         body_encoding: str = "text", received_at: float | None = None) -> dict[str, Any]:
+    """Verify an incoming webhook of ``source`` and start its workflow once per delivery.
+
+    ``received_at`` (Unix seconds) is when the call reached the HTTP front that enqueued this job (the
+    webhook ingress sets it): the signed timestamp is checked against it rather than against now, so a
+    delivery the ingress verified and answered 202 is not refused as stale because the queue was long
+    or the job was retried. Whoever can enqueue jobs is trusted anyway (it could enqueue the workflow
+    itself); the value is still bounded to the last day.
+    """
     if not isinstance(headers, dict) or not isinstance(body, str):
         raise ValueError("headers must be a JSON object and body a string")
+    if received_at is not None and not _plausible_receipt_time(received_at):
+        raise ValueError("received_at must be the Unix time, within the last day, the webhook was received")
     raw = webhooks.decode_body(body, body_encoding)
     database = await ctx.runtime.database()
     return await webhooks.receive(database, _submitter(ctx), tenant_id, source, headers, raw,
-                                  ctx.log.bind(webhook_source=source))
+                                  ctx.log.bind(webhook_source=source),
+                                  now=None if received_at is None else float(received_at))
+
+
+def _plausible_receipt_time(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return -_MAX_RECEIVED_AHEAD_S <= time.time() - value <= _MAX_RECEIVED_AGE_S
 
 
 @task(retry_on=(DatabaseUnavailable,))
