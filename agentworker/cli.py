@@ -127,28 +127,183 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 async def _enqueue(args: argparse.Namespace, payload: dict[str, Any]) -> int:
     from agentworker.client import AgentWorkerClient, JobFailed, QuotaExceeded, ResultTimeout
+    from agentworker.routing import validate_tenant_id
 
     settings = _settings(args)
+    validate_tenant_id(args.tenant)
     async with AgentWorkerClient.from_settings(settings) as client:
+        # Where the tenant's stream is now, before the job can publish anything: --wait follows from here.
+        since = await _stream_position(client.redis, args.tenant) if args.wait else "$"
         try:
             job = await client.enqueue(args.task, tenant_id=args.tenant, payload=payload,
                                        idempotency_key=args.key, defer=args.defer)
         except QuotaExceeded as exc:
             raise CommandError(f"quota exceeded: {exc}", EXIT_FAILED) from None
         state = "enqueued" if job.created else "already exists (same idempotency key): not enqueued again"
-        print(f"job {job.job_id} {state} on {job.route.queue}")
+        print(f"job {job.job_id} {state} on {job.route.queue}", flush=True)
         if not args.wait:
             return EXIT_OK
+        finished = asyncio.Event()
+        progress = asyncio.create_task(_print_progress(client.redis, args.tenant, job.job_id, since, finished))
         try:
             result = await job.result(timeout=args.timeout)
         except JobFailed as exc:
+            await _stop_progress(progress, finished)
             print(f"failed: {exc.error}: {exc.message}", file=sys.stderr)
             return EXIT_FAILED
         except ResultTimeout as exc:
+            await _stop_progress(progress, finished)
             print(str(exc), file=sys.stderr)
             return EXIT_FAILED
+        await _stop_progress(progress, finished)
         print(json.dumps(result))
         return EXIT_OK
+
+
+#: the events of a job --wait shows (to stderr, as they happen), and whether each ends the job
+_PROGRESS_EVENTS = {"job_started": False, "job_retrying": False, "job_deferred": False, "job_timed_out": False,
+                    "job_completed": True, "job_failed": True, "job_cancelled": True, "job_rejected": False}
+
+
+async def _stream_position(redis: Redis, tenant_id: str) -> str:
+    """The id of the newest event in the tenant's stream ("0" for none): reading after it misses nothing."""
+    from agentworker import keys
+
+    newest = await redis.xrevrange(keys.event_stream(tenant_id), count=1)
+    if not newest:
+        return "0"
+    entry_id = newest[0][0]
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+def progress_line(job_id: str, event: str, data: dict[str, Any]) -> str:
+    """One line of ``enqueue --wait``'s progress for one of the job's events."""
+    tries = f" (try {data['try']})" if data.get("try") else ""
+    error = f"{data.get('error')}: {data.get('message')}" if data.get("error") else ""
+    if event == "job_started":
+        text = f"started{tries}"
+    elif event == "job_retrying":
+        text = f"retrying{tries}" + (f" after {error}" if error else "") + f", again in {data.get('defer', 0):g}s"
+    elif event == "job_deferred":
+        text = f"deferred ({data.get('reason')}): {data.get('message')}; again in {data.get('defer', 0):g}s"
+    elif event == "job_timed_out":
+        text = f"timed out after {data.get('timeout', 0):g}s{tries}"
+    elif event == "job_completed":
+        text = f"finished{tries}"
+    elif event == "job_cancelled":
+        text = "cancelled" + (f" by {data['by']}" if data.get("by") else "") + tries
+    elif event == "job_rejected":
+        text = f"rejected: {data.get('reason')}"
+    else:
+        text = f"failed{tries} ({data.get('reason')}): {error}"
+    return f"job {job_id}: {text}"
+
+
+async def _print_progress(redis: Redis, tenant_id: str, job_id: str, since: str, finished: asyncio.Event) -> None:
+    """Print the job's lifecycle events to stderr as they arrive (until cancelled); set ``finished`` at
+    the one that ends it. A Redis error ends the progress lines, not the wait."""
+    from agentworker.events import read_events
+
+    try:
+        async for event in read_events(redis, tenant_id, since=since, block_ms=1000):
+            if event.data.get("job_id") != job_id or event.event not in _PROGRESS_EVENTS:
+                continue
+            print(progress_line(job_id, event.event, event.data), file=sys.stderr, flush=True)
+            if _PROGRESS_EVENTS[event.event]:
+                finished.set()
+    except (RedisError, OSError):
+        return
+
+
+async def _stop_progress(progress: asyncio.Task[None], finished: asyncio.Event) -> None:
+    """Let the progress lines catch up with the result (its last event is published just before it, a
+    moment at most), then stop them."""
+    import contextlib
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(finished.wait(), 2.0)
+    progress.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await progress
+
+
+# -- job control -------------------------------------------------------------------------------------
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    """``agentworker job ID``: the job's view; exit 1 when nothing is known of it."""
+    return asyncio.run(_job_command(args))
+
+
+async def _job_command(args: argparse.Namespace) -> int:
+    from agentworker.client import AgentWorkerClient, JobNotCancellable, JobNotFound, JobNotRetryable, QuotaExceeded
+    from agentworker.job_control import describe, parse_job_id
+
+    parse_job_id(args.id)  # a bad id is refused before anything is reached
+    by = args.by if getattr(args, "by", None) is not None else _default_by()
+    async with AgentWorkerClient.from_settings(_settings(args)) as client:
+        try:
+            if args.command == "cancel":
+                view = await client.cancel(args.id, by=by)
+            elif args.command == "retry":
+                view = await client.retry(args.id, by=by)
+            else:
+                view = await client.get_job(args.id)
+        except (JobNotFound, JobNotCancellable, JobNotRetryable) as exc:
+            raise CommandError(str(exc), EXIT_FAILED) from None
+        except QuotaExceeded as exc:
+            raise CommandError(f"quota exceeded: {exc}", EXIT_FAILED) from None
+    if args.json:
+        print(json.dumps(view.as_json(), default=str))
+    else:
+        print(describe(view))
+    return EXIT_FAILED if view.status == "not_found" else EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """``agentworker events TENANT``: a live tail of the tenant's events, one JSON line each; Ctrl-C ends it
+    (exit 0), as do ``--count`` and ``--timeout``."""
+    from agentworker.routing import validate_tenant_id
+
+    validate_tenant_id(args.tenant)
+    if args.since is not None and args.since not in ("0", "$") and not _is_stream_id(args.since):
+        raise CommandError(f"--since {args.since!r} is not a stream id (0, $, or MS-SEQ as printed in stream_id)")
+    if args.count is not None and args.count < 1:
+        raise CommandError(f"--count must be at least 1, got {args.count}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise CommandError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    try:
+        return asyncio.run(_events(args))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _is_stream_id(text: str) -> bool:
+    ms, _, seq = text.partition("-")
+    return len(text) <= 41 and ms.isdigit() and (seq == "" or seq.isdigit())
+
+
+async def _events(args: argparse.Namespace) -> int:
+    from redis.asyncio import Redis
+
+    from agentworker.events import read_events
+
+    redis = Redis.from_url(_settings(args).redis_url)
+    printed = 0
+    try:
+        async with asyncio.timeout(args.timeout):
+            async for event in read_events(redis, args.tenant, since=args.since or "$", block_ms=1000):
+                print(json.dumps({"stream_id": event.id, "event": event.event, "id": event.event_id,
+                                  "tenant_id": event.tenant_id, "ts": event.ts, "data": event.data},
+                                 default=str), flush=True)
+                printed += 1
+                if args.count is not None and printed >= args.count:
+                    break
+    except TimeoutError:
+        pass
+    finally:
+        await redis.aclose()
+    return EXIT_OK
 
 
 # -- run -------------------------------------------------------------------------------------------
@@ -171,19 +326,75 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc), EXIT_FAILED) from None
 
 
+# -- webhooks ----------------------------------------------------------------------------------------
+
+
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agentworker.ingress import server
+    from agentworker.logs import configure_logging
+
+    settings = Settings.from_env(config=args.config, webhook_port=args.port, webhook_host=args.host)
+    server.check_settings(settings)
+    path = Path(os.path.abspath(resolve_config_path(settings.config)))  # abspath: see cmd_run
+    load_config(path)  # a bad file: one line and exit 2 before anything listens
+    configure_logging(settings.log_level, settings.log_format, role="webhooks")
+    try:
+        return asyncio.run(server.serve(settings, path))
+    except server.StartupError as exc:
+        raise CommandError(str(exc), EXIT_FAILED) from None
+
+
 # -- status ------------------------------------------------------------------------------------------
 
 
+#: bounds of ``status --watch --interval``: faster only loads the supervisor, slower is not watching
+WATCH_INTERVAL_MIN_S, WATCH_INTERVAL_MAX_S = 0.5, 3600.0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    """Print the status once, or with ``--watch`` again every ``--interval`` seconds until Ctrl-C (exit 0).
+
+    The bearer sent is ``AGENTWORKER_STATUS_TOKEN``, else ``AGENTWORKER_ADMIN_TOKEN`` (the supervisor
+    takes either). While watching, a supervisor that does not answer is one line in place of the table
+    and the watch goes on: it is how an operator sees a restart through."""
+    import time
+
     from agentworker.health.status_table import StatusUnavailable, fetch_status, render_status
 
-    url = _status_url(args.url) if args.url else f"http://127.0.0.1:{Settings.from_env().port}"
+    settings = Settings.from_env()
+    url = _status_url(args.url) if args.url else f"http://127.0.0.1:{settings.port}"
+    token = settings.status_token or settings.admin_token
+    if args.interval is not None and not args.watch:
+        raise CommandError("--interval is only used with --watch")
+    interval = 2.0 if args.interval is None else args.interval
+    if not WATCH_INTERVAL_MIN_S <= interval <= WATCH_INTERVAL_MAX_S:
+        raise CommandError(f"--interval {interval:g} is out of range: give {WATCH_INTERVAL_MIN_S:g} to "
+                           f"{WATCH_INTERVAL_MAX_S:g} seconds")
+
+    def render() -> str:
+        document = fetch_status(url, timeout=args.timeout, token=token)
+        return json.dumps(document, indent=2) if args.json else render_status(document)
+
+    if not args.watch:
+        try:
+            print(render())
+        except StatusUnavailable as exc:
+            raise CommandError(str(exc), EXIT_FAILED) from None
+        return EXIT_OK
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
     try:
-        document = fetch_status(url, timeout=args.timeout)
-    except StatusUnavailable as exc:
-        raise CommandError(str(exc), EXIT_FAILED) from None
-    print(json.dumps(document, indent=2) if args.json else render_status(document))
-    return EXIT_OK
+        while True:
+            try:
+                text = render()
+            except StatusUnavailable as exc:
+                text = f"error: {exc}"
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{clear}{stamp}  every {interval:g}s (Ctrl-C to stop)\n{text}\n", flush=True)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _status_url(url: str) -> str:
@@ -608,14 +819,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait (default 60)")
     p.set_defaults(handler=cmd_enqueue)
 
+    job_help = "the job id, tenant:task:key (as enqueue prints it)"
+    p = sub.add_parser("job", parents=[command], help="print a job: status, tries, times, result or error")
+    p.add_argument("id", help=job_help)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_job)
+    p = sub.add_parser("cancel", parents=[command],
+                       help="cancel a job: a queued one is removed, a running one is cancelled by its worker")
+    p.add_argument("id", help=job_help)
+    p.add_argument("--by", metavar="WHO", help="who cancels, in the job_cancelled event (default: cli:USER@HOST)")
+    p.add_argument("--json", action="store_true", help="print the job's view as JSON")
+    p.set_defaults(handler=cmd_job)
+    p = sub.add_parser("retry", parents=[command], help="run a failed or cancelled job again (same id and payload)")
+    p.add_argument("id", help=job_help)
+    p.add_argument("--by", metavar="WHO", help="who retries, in the job_retried event (default: cli:USER@HOST)")
+    p.add_argument("--json", action="store_true", help="print the job's view as JSON")
+    p.set_defaults(handler=cmd_job)
+    p = sub.add_parser("events", parents=[command],
+                       help="follow a tenant's events live, one JSON line each (Ctrl-C to stop)")
+    p.add_argument("tenant", help="tenant id")
+    p.add_argument("--since", metavar="ID",
+                   help="start after this stream id (0: every event still kept; default: only new events)")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds")
+    p.set_defaults(handler=cmd_events)
+
     p = sub.add_parser("run", parents=[command], help="run the supervisor: worker processes and the HTTP port")
     p.add_argument("--port", type=_port, help="HTTP port (default: $AGENTWORKER_PORT, else 8000)")
     p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("webhooks", parents=[command], help="run the webhook ingress: verify signed webhook calls "
+                       "and enqueue them, on its own port (the one that faces the internet)")
+    p.add_argument("--port", type=_port, help="HTTP port (default: $AGENTWORKER_WEBHOOK_PORT, else 8001)")
+    p.add_argument("--host", help="address to bind (default: $AGENTWORKER_WEBHOOK_HOST, else 0.0.0.0)")
+    p.set_defaults(handler=cmd_webhooks)
 
     p = sub.add_parser("status", parents=[command], help="print the status of a running supervisor")
     p.add_argument("--url", help="the supervisor's base URL (default: http://127.0.0.1:$AGENTWORKER_PORT)")
     p.add_argument("--json", action="store_true", help="print the raw JSON document")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
+    p.add_argument("--watch", action="store_true", help="print the status again every --interval seconds "
+                   "until Ctrl-C")
+    p.add_argument("--interval", type=float, help="seconds between two prints with --watch (default 2)")
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("migrate", parents=[command], help="create or upgrade the PostgreSQL schema (safe to re-run)")

@@ -41,6 +41,14 @@ WIRE_ERRORS: dict[str, str] = {
                          "(reason `tries_exhausted`).",
     "JobUnreadable": "The job's queue entry could not be read; it is in the pool's dead letters "
                      "(reason `unreadable`).",
+    "JobCancelled": "The job was cancelled on request (`agentworker cancel`, `client.cancel`, the console): not "
+                    "retried, a `job_cancelled` event; its workflow run ends `cancelled`.",
+    # -- job control (the client, the CLI, the admin HTTP endpoints: agentworker.job_control)
+    "JobNotFound": "Nothing is known of that job id (never enqueued, or its result has expired).",
+    "JobNotCancellable": "The job has already finished (completed, failed or cancelled): there is nothing to "
+                         "cancel.",
+    "JobNotRetryable": "Only a failed or cancelled job can be retried, and only while its result (which keeps its "
+                       "arguments) is kept.",
     "DatabaseUnavailable": "PostgreSQL could not be reached or dropped the connection (the built-in tasks retry "
                            "it while tries remain).",
     "DatabaseNotMigrated": "The database's schema is missing or older than the worker's: run "
@@ -99,6 +107,8 @@ INTERNAL_ERRORS: dict[str, str] = {
     "agentworker.llm_budget.LlmBudgetExhausted": "a JobDeferred: the tenant's token budget has no room now",
     "agentworker.health.app._Refused": "a tenant endpoint's refusal: the app answers it as its status code and "
                                        "JSON body",
+    "agentworker.ingress.app.Refused": "a webhook delivery's refusal: the ingress answers it as its status code "
+                                       "and one-sentence JSON body",
     "agentworker.cli.CommandError": "the CLI's own exit path: `main` prints it as one line and exits with its "
                                     "code",
     "agentworker.jobs.UnreadableJob": "the job decoder's signal: the worker dead-letters the entry and reports "

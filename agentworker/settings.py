@@ -129,6 +129,9 @@ class Settings:
                                             "functions workers serve", shown="none")
     admin_token: str | None = setting(None, "bearer token of `/admin/*`; unset, those endpoints answer 404",
                                       shown="none", secret=True)
+    status_token: str | None = setting(None, "bearer token of `/status`, `/status/*` and the console's data "
+                                       "(the admin token is accepted too); unset, they are open", shown="none",
+                                       secret=True)
     port: int = setting(8000, "HTTP port of the supervisor (`--port`): /health /ready /metrics /status /admin/*",
                         ge=0, le=65535)
     # all interfaces: the probes of Kubernetes come from outside the pod
@@ -169,6 +172,17 @@ class Settings:
                                             "`10.1.2.0/24,crm.internal:8443` (see the README's Egress); never "
                                             "opens the service's own Redis, PostgreSQL or HTTP port",
                                             shown="none")
+    webhook_port: int = setting(8001, "HTTP port of the webhook ingress (`agentworker webhooks --port`), the one "
+                                "that faces the internet", ge=0, le=65535)
+    webhook_host: str = setting("0.0.0.0", "address the webhook ingress binds (`--host`)")
+    webhook_max_body_bytes: int = setting(256 * 1024, "largest webhook body the ingress reads (a bigger one is "
+                                          "refused 413, unread); at most half of AGENTWORKER_MAX_PAYLOAD_BYTES",
+                                          shown="262144 (256 KiB)", ge=1024)
+    webhook_body_timeout: float = setting(10.0, "seconds a webhook body may take to arrive (408 after)", gt=0)
+    webhook_rate: float = setting(10.0, "webhook deliveries per second each tenant's source may make, per ingress "
+                                  "process (a token bucket; 429 with Retry-After past it)", gt=0)
+    webhook_burst: int = setting(50, "deliveries a source may make at once above that rate (the bucket's size)",
+                                 ge=1)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -219,3 +219,25 @@ def supervisor_factory(redis_url: str, workdir: Path) -> Iterator[Callable[..., 
     yield start
     for sup in started:
         sup.stop()
+
+
+def in_process_backend(redis: Any, quotas: Path, tmp_path: Path, **settings: Any) -> Any:
+    """A :class:`SupervisorBackend` over a supervisor that is never started (no workers): the HTTP app's
+    backend for tests of its endpoints, with ``settings`` over the defaults."""
+    from prometheus_client import CollectorRegistry
+
+    from agentworker.config import QuotaFileWatch
+    from agentworker.settings import Settings
+    from agentworker.supervisor.metrics_archive import MetricsArchive
+    from agentworker.supervisor.observer import RedisObserver
+    from agentworker.supervisor.reconcile import Supervisor
+    from agentworker.supervisor.runner import SupervisorBackend
+
+    watch = QuotaFileWatch(quotas)
+    resolved = Settings.from_env({}, config=str(quotas), **settings)
+    for name in ("run", "metrics"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    supervisor = Supervisor(settings=resolved, watch=watch, config=watch.load(), run_dir=tmp_path / "run",
+                            metrics=MetricsArchive(tmp_path / "metrics"), child_env={})
+    observer = RedisObserver(redis, lambda: (supervisor.config_version, supervisor.config), quotas)
+    return SupervisorBackend(supervisor, observer, redis, resolved, CollectorRegistry())

@@ -17,19 +17,15 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from agentworker import keys
 from agentworker.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from agentworker.config import QuotaFileWatch
 from agentworker.health.app import MAX_BODY_BYTES, create_app
 from agentworker.settings import Settings
-from agentworker.supervisor.metrics_archive import MetricsArchive
-from agentworker.supervisor.observer import RedisObserver
-from agentworker.supervisor.reconcile import Supervisor
 from agentworker.supervisor.runner import SupervisorBackend
 from tests.conftest import ROOT, TEST_DATABASE_SERVER, database_url_for, new_tenant, worker_env
+from tests.supervisor_helpers import in_process_backend
 
 QUOTAS: dict[str, Any] = {
     "default_pool": "standard",
@@ -247,21 +243,10 @@ def test_a_bad_tenant_id_or_an_unusable_database_is_one_line(cli: Callable[..., 
 # -- /admin/tenants --------------------------------------------------------------------------------------------
 
 
-async def _backend(redis: Redis, quotas: Path, tmp_path: Path, **settings: Any) -> SupervisorBackend:
-    watch = QuotaFileWatch(quotas)
-    settings = Settings.from_env({}, config=str(quotas), **settings)
-    for name in ("run", "metrics"):
-        (tmp_path / name).mkdir(exist_ok=True)
-    supervisor = Supervisor(settings=settings, watch=watch, config=watch.load(), run_dir=tmp_path / "run",
-                            metrics=MetricsArchive(tmp_path / "metrics"), child_env={})
-    observer = RedisObserver(redis, lambda: (supervisor.config_version, supervisor.config), quotas)
-    return SupervisorBackend(supervisor, observer, redis, settings, CollectorRegistry())
-
-
 @pytest.fixture
 async def served(redis: Redis, quotas: Path, tmp_path: Path,
                  database_url: str) -> AsyncIterator[tuple[TestClient[Any, Any], SupervisorBackend]]:
-    backend = await _backend(redis, quotas, tmp_path, database_url=database_url, admin_token=TOKEN)
+    backend = in_process_backend(redis, quotas, tmp_path, database_url=database_url, admin_token=TOKEN)
     async with TestClient(TestServer(create_app(backend))) as client:
         try:
             yield client, backend
@@ -413,7 +398,7 @@ async def test_the_admin_token_is_required(served: tuple[TestClient[Any, Any], S
     assert await (await http.get(f"/admin/tenants/{tenant}/history", headers=AUTH)).json() == []
 
     # no token configured: the admin endpoints do not exist
-    backend = await _backend(redis, quotas, tmp_path, database_url=database_url)
+    backend = in_process_backend(redis, quotas, tmp_path, database_url=database_url)
     async with TestClient(TestServer(create_app(backend))) as tokenless:
         for headers in ({}, AUTH):
             answer = await tokenless.get(f"/admin/tenants/{tenant}", headers=headers)
@@ -423,7 +408,7 @@ async def test_the_admin_token_is_required(served: tuple[TestClient[Any, Any], S
 
 async def test_postgresql_unavailable_is_503_and_the_next_request_tries_again(
         redis: Redis, quotas: Path, tmp_path: Path, database_url: str) -> None:
-    backend = await _backend(redis, quotas, tmp_path, database_url=NO_DATABASE_URL, admin_token=TOKEN)
+    backend = in_process_backend(redis, quotas, tmp_path, database_url=NO_DATABASE_URL, admin_token=TOKEN)
     tenant = new_tenant("http")
     async with TestClient(TestServer(create_app(backend))) as http:
         for method, path in [("GET", "/admin/tenants"), ("GET", f"/admin/tenants/{tenant}"),
@@ -442,7 +427,7 @@ async def test_postgresql_unavailable_is_503_and_the_next_request_tries_again(
     await backend.close()
 
     missing = database_url_for(TEST_DATABASE_SERVER, f"aw_missing_{uuid.uuid4().hex[:8]}")
-    backend = await _backend(redis, quotas, tmp_path, database_url=missing, admin_token=TOKEN)
+    backend = in_process_backend(redis, quotas, tmp_path, database_url=missing, admin_token=TOKEN)
     async with TestClient(TestServer(create_app(backend))) as http:
         answer = await http.get(f"/admin/tenants/{tenant}", headers=AUTH)
         assert answer.status == 503

@@ -78,9 +78,11 @@ async def get_schedule(tx: TenantTransaction, schedule_id: str) -> ScheduleRow |
     return None if record is None else _row(record)
 
 
-async def list_schedules(tx: TenantTransaction, kind: str | None = None) -> list[ScheduleRow]:
+async def list_schedules(tx: TenantTransaction, kind: str | None = None, *,
+                         limit: int | None = None) -> list[ScheduleRow]:
+    """The tenant's schedules by id (of one ``kind``), the first ``limit`` of them (None: all)."""
     records = await tx.fetch(f"SELECT * FROM {SCHEMA}.schedules WHERE ($1::text IS NULL OR kind = $1) "
-                             "ORDER BY schedule_id", kind)
+                             "ORDER BY schedule_id LIMIT $2", kind, limit)
     return [_row(r) for r in records]
 
 

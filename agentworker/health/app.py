@@ -9,8 +9,29 @@ GET /ready                       readiness: Redis and PostgreSQL reachable, ever
                                  draining.
 GET /metrics                     Prometheus text: the supervisor's metrics and every worker's,
                                  merged.
+GET /openapi.json                the port's OpenAPI 3.1 description (:mod:`~agentworker.health.openapi`).
 GET /status                      JSON: pools, processes, queue depths, per-tenant in-flight and
                                  pending, dead letters per pool.
+GET /status/jobs/{id}            a job (``agentworker.job_control.JobView``: status, tries, timings,
+                                 result or error) and ``events``: its events among the newest 500 of
+                                 its tenant's stream. 404 for a job Redis does not know (any more).
+GET /status/dead-letters         ``{pool: {letters, total, more}}``; ``?pool=NAME``, ``?limit=N``
+                                 (1-200, default 50) per pool.
+GET /status/tenants/{id}/runs    the tenant's workflow runs, newest first, without steps;
+                                 ``?status=`` (a run status), ``?limit=N`` (1-200, default 50).
+GET /status/tenants/{id}/runs/{run}
+                                 one run with its step trail, ``approvals`` and ``waiting`` (the
+                                 undecided approval steps); 404 if the tenant has no such run.
+GET /status/tenants/{id}/schedules
+                                 ``{schedules, more}``: each with its last run, ``failures`` in a
+                                 row and ``last_error`` (at most 500; ``more``: there are others).
+GET /status/tenants/{id}/failures
+                                 the tenant's newest ``job_failed``/``job_rejected`` events (of the
+                                 newest 500 of its stream); ``?limit=N`` (1-200, default 20).
+GET /ui                          the operator console: one HTML page, its script and style under
+                                 ``/ui/static/`` (served from the package; no build step, no CDN).
+                                 The shell holds no data and is served without a token; everything
+                                 it shows comes from the endpoints above, with the token typed in.
 POST /admin/reload               re-read the quota file (bearer token ``AGENTWORKER_ADMIN_TOKEN``;
                                  without a token configured every /admin/ path answers 404). 200
                                  with what changed, or 422 with the file's errors (the running
@@ -31,9 +52,27 @@ DELETE /admin/tenants/{id}       remove the entry (the quota file's limits apply
 GET /admin/tenants/{id}/history  the entry's audit trail, newest first, a JSON list of changes
                                  (``old`` and ``new`` entries, ``changed_by``, ``changed_at``,
                                  ``version``); ``?limit=N`` (1-5000, default 100).
+POST /admin/jobs/{id}/cancel     cancel a job (a queued one is removed, a running one is stopped
+                                 and its run ends ``cancelled``); optional body ``{"by": WHO}``.
+                                 200 with the job's view; 404 unknown job; 409 already finished.
+POST /admin/jobs/{id}/retry      run a failed or cancelled job again under its id; same answers,
+                                 409 for any other, 429 over its tenant's quota.
+POST /admin/tenants/{id}/runs/{run}/decision
+                                 approve or reject the step a run waits for: body ``{"decision":
+                                 "approve"|"reject", "by": WHO, "comment"?, "step_id"?}``; 202
+                                 ``{job_id, created, step_id}`` once ``resume_run`` is enqueued;
+                                 404 no such run; 409 not waiting (for that step); 429 over quota.
 ===============================  ==============================================================
 
-The tenant endpoints answer 400 ``{"error": ..., "errors": [...]}`` for a refused change (one
+**Tokens.** With ``AGENTWORKER_STATUS_TOKEN`` set, ``/status`` and every ``/status/...`` endpoint need
+``Authorization: Bearer`` with it or with the admin token (401 otherwise); unset, they are open like the
+probes. ``/health``, ``/ready`` and ``/metrics`` are always open (kubelet and Prometheus), and so is the
+console's shell (``/ui``, ``/ui/static/...``), which holds no data. ``/admin/*`` needs the admin token.
+The console is served with a strict Content-Security-Policy (``default-src 'self'``, no inline script or
+style), ``X-Content-Type-Options: nosniff`` and ``frame-ancestors 'none'``; its script writes every value
+with ``textContent``, since tenants control many of the strings it shows.
+
+The tenant, job and ``/status/...`` endpoints answer 400 ``{"error": ..., "errors": [...]}`` for a refused change (one
 ``path: message`` per problem, nothing changed), a bad tenant id, a bad query value or a body that
 is not a JSON object of the keys above; 413 for a body over :data:`MAX_BODY_BYTES`; 503 (same shape)
 while PostgreSQL cannot be used; 408 for a body still not received after :data:`BODY_TIMEOUT_S` (the
@@ -49,15 +88,23 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+from importlib import resources
 from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
 
+from agentworker import jobs
 from agentworker.config import ConfigError
 from agentworker.db.database import DatabaseError
+from agentworker.db.runs import InvalidRunId
+from agentworker.errors import AgentWorkerError
 from agentworker.health.checks import FAIL, HEALTH_JSON, Check, health_document
+from agentworker.health.openapi import openapi_document
+from agentworker.job_control import JobNotCancellable, JobNotFound, JobNotRetryable, parse_job_id
 from agentworker.routing import InvalidTenantId, validate_tenant_id
+from agentworker.submit import QuotaExceeded
 
 #: the largest request body read (PATCH /admin/tenants/{id}); a bigger one is refused unread
 MAX_BODY_BYTES = 64 * 1024
@@ -65,6 +112,29 @@ MAX_BODY_BYTES = 64 * 1024
 BODY_TIMEOUT_S = 10.0
 #: the keys of a PATCH /admin/tenants/{id} body
 TENANT_CHANGE_KEYS = ("by", "overrides", "plan", "unset")
+#: the largest ``limit`` of the /status/... lists, and the longest ``by`` of a job action
+MAX_LIST_LIMIT, MAX_BY_CHARS = 200, 200
+#: who an action is recorded as when its body names no one
+DEFAULT_BY = "admin-http"
+#: the console's files (agentworker/health/console/): the only names /ui/static/ serves
+CONSOLE_FILES = {"console.js": "text/javascript", "console.css": "text/css"}
+#: headers of every console file: nothing but the package's own files may load or run, no framing
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+class ConsoleRefusal(AgentWorkerError):
+    """A console request the backend refuses, answered ``status`` with the message as its sentence:
+    400 a bad argument, 404 no such run, 409 not in a state the action applies to."""
+
+    status = 400
 
 
 class HealthBackend(Protocol):
@@ -108,6 +178,34 @@ class HealthBackend(Protocol):
         """The entry's audit trail (``TenantChange.as_json()``), newest first."""
         ...
 
+    # The console's reads and actions. Tenant ids raise InvalidTenantId, run ids InvalidRunId, refusals
+    # of the backend's own a ConsoleRefusal; job control raises JobNotFound, JobNotCancellable and
+    # JobNotRetryable.
+
+    status_token: str | None
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """``JobView.as_json()`` plus ``events`` (none for a job whose status is ``not_found``)."""
+        ...
+
+    async def cancel_job(self, job_id: str, *, by: str) -> dict[str, Any]: ...
+
+    async def retry_job(self, job_id: str, *, by: str) -> dict[str, Any]: ...
+
+    async def dead_letters(self, pool: str | None, *, limit: int) -> dict[str, Any]: ...
+
+    async def tenant_runs(self, tenant_id: str, *, status: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+    async def tenant_run(self, tenant_id: str, run_id: str) -> dict[str, Any]: ...
+
+    async def tenant_schedules(self, tenant_id: str) -> dict[str, Any]: ...
+
+    async def tenant_failures(self, tenant_id: str, *, limit: int) -> list[dict[str, Any]]: ...
+
+    async def decide(self, tenant_id: str, run_id: str, body: Any) -> dict[str, Any]:
+        """Check ``body`` (a decision) and enqueue ``resume_run``: ``{job_id, created, step_id}``."""
+        ...
+
 
 BACKEND: web.AppKey[HealthBackend] = web.AppKey("backend", HealthBackend)
 
@@ -134,6 +232,10 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(), headers={"Cache-Control": "no-store"})
+
+
 async def status(request: web.Request) -> web.Response:
     return web.json_response(request.app[BACKEND].status())
 
@@ -153,6 +255,26 @@ async def admin_guard(request: web.Request, handler: Any) -> web.StreamResponse:
         if not _authorized(request, token):
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Bearer realm="agentworker"'},
                                        text="a valid bearer token is required\n")
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+def _reads_status(path: str) -> bool:
+    return path == "/status" or path.startswith("/status/")
+
+
+@web.middleware
+async def status_guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    """``/status`` and ``/status/...`` need the status token or the admin token while a status token is
+    set (the admin may read what it may change); without one they are open, as before the setting."""
+    if _reads_status(request.path):
+        backend = request.app[BACKEND]
+        token = backend.status_token
+        if token and not (_authorized(request, token)
+                          or (backend.admin_token and _authorized(request, backend.admin_token))):
+            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Bearer realm="agentworker"'},
+                                       text="a valid bearer token (AGENTWORKER_STATUS_TOKEN or the admin token) "
+                                            "is required\n")
     response: web.StreamResponse = await handler(request)
     return response
 
@@ -180,8 +302,9 @@ def _refused(status: int, error: str, errors: list[str]) -> web.Response:
 
 @web.middleware
 async def tenant_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """The tenant store's failures as JSON answers (the admin guard has let the request in)."""
-    if not request.path.startswith("/admin/tenants"):
+    """The failures of the tenant store, the console's reads and the job actions as JSON answers
+    ``{"error": sentence, "errors": [...]}`` (the guards have let the request in)."""
+    if not request.path.startswith(("/admin/tenants", "/admin/jobs/", "/status/")):
         response: web.StreamResponse = await handler(request)
         return response
     try:
@@ -190,10 +313,24 @@ async def tenant_errors(request: web.Request, handler: Any) -> web.StreamRespons
         return _refused(exc.status, exc.error, exc.errors)
     except InvalidTenantId as exc:
         return _refused(400, "invalid tenant id", [str(exc)])
+    except (InvalidRunId, jobs.InvalidJob) as exc:
+        return _refused(400, str(exc), [str(exc)])
     except ConfigError as exc:  # InvalidTenantChange: one path: message per problem, nothing changed
         return _refused(400, f"{exc.source}: {len(exc.errors)} error(s)", exc.errors)
+    except JobNotFound as exc:
+        return _refused(404, str(exc), [])
+    except (JobNotCancellable, JobNotRetryable) as exc:
+        return _refused(409, str(exc), [])
+    except QuotaExceeded as exc:
+        return _refused(429, str(exc), [f"{exc.limit}: {exc}"])
     except DatabaseError as exc:
-        return _refused(503, "the tenant store is unavailable: PostgreSQL cannot be used", [str(exc)])
+        store = request.path.startswith("/admin/tenants") and "/runs/" not in request.path
+        what = "the tenant store is" if store else "workflow runs and schedules are"
+        return _refused(503, f"{what} unavailable: PostgreSQL cannot be used", [str(exc)])
+    except RedisError as exc:
+        return _refused(503, "Redis cannot be used", [str(exc)[:500]])
+    except ConsoleRefusal as exc:
+        return _refused(exc.status, str(exc), [])
     return response
 
 
@@ -283,12 +420,138 @@ async def admin_tenant_history(request: web.Request) -> web.Response:
     return _json(await request.app[BACKEND].tenant_history(request.match_info["tenant_id"], limit=_limit(request)))
 
 
+# -- the console's data (/status/...) and actions (/admin/jobs, decisions) ------------------------------------
+
+
+def _query_int(request: web.Request, name: str, default: int, most: int = MAX_LIST_LIMIT) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= most:
+        raise _Refused(400, "invalid query", [f"{name}: must be an integer from 1 to {most} (got {raw[:50]!r})"])
+    return value
+
+
+def _query_text(request: web.Request, name: str, most: int = 100) -> str | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    if len(raw) > most:
+        raise _Refused(400, "invalid query", [f"{name}: longer than {most} characters"])
+    return raw
+
+
+def _job_id(request: web.Request) -> str:
+    """The path's job id, checked as the submitter makes them (tenant id, task name, key; InvalidJob is
+    answered 400) before anything is read."""
+    job_id = request.match_info["job_id"]
+    parse_job_id(job_id)
+    return job_id
+
+
+def _json_body(raw: bytes, *, optional: bool = False) -> Any:
+    if optional and not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise _Refused(400, "invalid request body", [f"body: not JSON ({str(exc)[:200]})"]) from None
+
+
+def _action_by(body: Any) -> str:
+    """``by`` of a job action's optional body ``{"by": WHO}`` (default :data:`DEFAULT_BY`)."""
+    if not isinstance(body, dict) or set(body) - {"by"}:
+        raise _Refused(400, "invalid request body", ['body: must be empty or the JSON object {"by": WHO}'])
+    by = body.get("by", DEFAULT_BY)
+    if not isinstance(by, str) or not by.strip() or len(by) > MAX_BY_CHARS or not (by.isascii() and by.isprintable()):
+        raise _Refused(400, "invalid request body", [f"by: 1 to {MAX_BY_CHARS} printable ASCII characters"])
+    return by
+
+
+async def status_job(request: web.Request) -> web.Response:
+    job_id = _job_id(request)
+    view = await request.app[BACKEND].job(job_id)
+    if view.get("status") == "not_found":
+        raise _Refused(404, f"job {job_id} is not known: never enqueued, or its result has expired", [])
+    return _json(view)
+
+
+async def status_dead_letters(request: web.Request) -> web.Response:
+    pool = _query_text(request, "pool")
+    return _json(await request.app[BACKEND].dead_letters(pool, limit=_query_int(request, "limit", 50)))
+
+
+async def status_tenant_runs(request: web.Request) -> web.Response:
+    tenant_id = validate_tenant_id(request.match_info["tenant_id"])
+    return _json(await request.app[BACKEND].tenant_runs(tenant_id, status=_query_text(request, "status", 40),
+                                                        limit=_query_int(request, "limit", 50)))
+
+
+async def status_tenant_run(request: web.Request) -> web.Response:
+    tenant_id = validate_tenant_id(request.match_info["tenant_id"])
+    return _json(await request.app[BACKEND].tenant_run(tenant_id, request.match_info["run_id"]))
+
+
+async def status_tenant_schedules(request: web.Request) -> web.Response:
+    tenant_id = validate_tenant_id(request.match_info["tenant_id"])
+    return _json(await request.app[BACKEND].tenant_schedules(tenant_id))
+
+
+async def status_tenant_failures(request: web.Request) -> web.Response:
+    tenant_id = validate_tenant_id(request.match_info["tenant_id"])
+    return _json(await request.app[BACKEND].tenant_failures(tenant_id, limit=_query_int(request, "limit", 20)))
+
+
+async def admin_job_cancel(request: web.Request) -> web.Response:
+    job_id = _job_id(request)
+    by = _action_by(_json_body(await _read_body(request), optional=True))
+    return _json(await request.app[BACKEND].cancel_job(job_id, by=by))
+
+
+async def admin_job_retry(request: web.Request) -> web.Response:
+    job_id = _job_id(request)
+    by = _action_by(_json_body(await _read_body(request), optional=True))
+    return _json(await request.app[BACKEND].retry_job(job_id, by=by))
+
+
+async def admin_run_decision(request: web.Request) -> web.Response:
+    tenant_id = validate_tenant_id(request.match_info["tenant_id"])  # before reading any body
+    body = _json_body(await _read_body(request))
+    answer = await request.app[BACKEND].decide(tenant_id, request.match_info["run_id"], body)
+    return web.json_response(answer, status=202, headers={"Cache-Control": "no-store"})
+
+
+# -- the console's files ----------------------------------------------------------------------------------------
+
+
+def _console_file(name: str) -> bytes:
+    return resources.files("agentworker.health").joinpath("console", name).read_bytes()
+
+
+async def console_page(request: web.Request) -> web.Response:
+    return web.Response(body=_console_file("index.html"), content_type="text/html", charset="utf-8",
+                        headers=CONSOLE_HEADERS)
+
+
+async def console_static(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    media = CONSOLE_FILES.get(name)  # a fixed list: no path is ever built from the request
+    if media is None:
+        raise web.HTTPNotFound(text=f"no console file {name[:100]!r}\n")
+    return web.Response(body=_console_file(name), content_type=media, charset="utf-8", headers=CONSOLE_HEADERS)
+
+
 def create_app(backend: HealthBackend) -> web.Application:
-    app = web.Application(middlewares=[admin_guard, tenant_errors])
+    app = web.Application(middlewares=[admin_guard, status_guard, tenant_errors])
     app[BACKEND] = backend
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/status", status)
     app.router.add_post("/admin/reload", admin_reload)
     app.router.add_get("/admin/tenants", admin_tenants)
@@ -296,4 +559,15 @@ def create_app(backend: HealthBackend) -> web.Application:
     app.router.add_patch("/admin/tenants/{tenant_id}", admin_tenant_patch)
     app.router.add_delete("/admin/tenants/{tenant_id}", admin_tenant_delete)
     app.router.add_get("/admin/tenants/{tenant_id}/history", admin_tenant_history)
+    app.router.add_get("/status/jobs/{job_id}", status_job)
+    app.router.add_get("/status/dead-letters", status_dead_letters)
+    app.router.add_get("/status/tenants/{tenant_id}/runs", status_tenant_runs)
+    app.router.add_get("/status/tenants/{tenant_id}/runs/{run_id}", status_tenant_run)
+    app.router.add_get("/status/tenants/{tenant_id}/schedules", status_tenant_schedules)
+    app.router.add_get("/status/tenants/{tenant_id}/failures", status_tenant_failures)
+    app.router.add_post("/admin/jobs/{job_id}/cancel", admin_job_cancel)
+    app.router.add_post("/admin/jobs/{job_id}/retry", admin_job_retry)
+    app.router.add_post("/admin/tenants/{tenant_id}/runs/{run_id}/decision", admin_run_decision)
+    app.router.add_get("/ui", console_page)
+    app.router.add_get("/ui/static/{name}", console_static)
     return app

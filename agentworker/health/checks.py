@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
+
+from agentworker import __version__
 
 # asyncpg ships no type information; imported this way the check type-checks the same whether or not
 # the project's mypy configuration ignores the missing stubs.
@@ -47,11 +50,25 @@ def overall_status(checks: list[Check]) -> str:
     return FAIL if FAIL in statuses else WARN if WARN in statuses else PASS
 
 
-def health_document(checks: list[Check], description: str) -> dict[str, Any]:
+#: the draft's ``version``: the public version of the HTTP contract (DESIGN.md), the package's major version;
+#: ``releaseId`` is the full package version, which changes with every release
+API_VERSION = __version__.split(".", 1)[0]
+
+
+def service_id(service: str) -> str:
+    """The draft's ``serviceId``: which process answered, ``agentworker-<service>/<host name>`` (in Kubernetes
+    the host name is the pod's name, so two replicas' documents tell apart)."""
+    return f"agentworker-{service}/{socket.gethostname()}"
+
+
+def health_document(checks: list[Check], description: str, *, service: str = "supervisor") -> dict[str, Any]:
+    """The ``application/health+json`` document of ``checks``, with the draft's optional ``version``,
+    ``releaseId`` and ``serviceId`` (``service`` names the process: ``supervisor``, ``webhooks``)."""
     grouped: dict[str, list[dict[str, Any]]] = {}
     for check in checks:
         grouped.setdefault(check.name, []).append(check.as_dict())
-    return {"status": overall_status(checks), "description": description, "checks": grouped}
+    return {"status": overall_status(checks), "version": API_VERSION, "releaseId": __version__,
+            "serviceId": service_id(service), "description": description, "checks": grouped}
 
 
 async def check_redis(redis: Redis, timeout: float) -> Check:

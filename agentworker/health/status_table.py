@@ -15,12 +15,19 @@ class StatusUnavailable(AgentWorkerError):
     """The supervisor could not be reached or did not answer with a status document."""
 
 
-def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+def fetch_status(url: str, timeout: float = 5.0, token: str | None = None) -> dict[str, Any]:
+    """``GET {url}/status``, sending ``token`` as the bearer when given (``AGENTWORKER_STATUS_TOKEN`` or
+    the admin token: the supervisor takes either)."""
     target = url.rstrip("/") + "/status"
+    request = urllib.request.Request(target, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(target, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            hint = ("the token sent was refused" if token else
+                    "set AGENTWORKER_STATUS_TOKEN (or AGENTWORKER_ADMIN_TOKEN) to the supervisor's token")
+            raise StatusUnavailable(f"{target} answered HTTP 401: {hint}") from None
         raise StatusUnavailable(f"{target} answered HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # HTTPException: not HTTP
         reason = str(getattr(exc, "reason", exc)) or type(exc).__name__
@@ -87,6 +94,7 @@ def render_status(document: dict[str, Any]) -> str:
     tenants = document.get("tenants", {})
     if tenants:
         lines.append("")
-        lines += _table(["TENANT", "IN FLIGHT", "PENDING"],
-                        [[t, c.get("in_flight"), c.get("pending")] for t, c in tenants.items()])
+        lines += _table(["TENANT", "IN FLIGHT", "MAX CONC", "PENDING", "MAX PENDING", "RATE"],
+                        [[t, c.get("in_flight"), c.get("max_concurrency"), c.get("pending"), c.get("max_pending"),
+                          c.get("rate_limit")] for t, c in tenants.items()])
     return "\n".join(lines)

@@ -83,6 +83,17 @@ def _process_row(slot: WorkerSlot, handle: WorkerHandle | None, role: str) -> di
     return row
 
 
+def _tenant_limits(supervisor: Supervisor, observer: RedisObserver, tenant_id: str) -> dict[str, Any]:
+    """The limits an operator compares in-flight and pending with: the quota file's, under the tenant's
+    stored entry as far as the observer's cache holds it (no Redis round trip while building /status)."""
+    try:
+        limits = supervisor.config.limits_of(tenant_id, observer.tenants.cached(tenant_id, stale=True))
+    except (KeyError, ValueError):  # a tenant routed by an older config: no limits to show
+        return {}
+    return {"max_concurrency": limits.max_concurrency, "max_pending": limits.max_pending,
+            "rate_limit": limits.rate_limit}
+
+
 def status_document(supervisor: Supervisor, observer: RedisObserver) -> dict[str, Any]:
     """The JSON of ``GET /status``."""
     now_wall = time.time()
@@ -99,12 +110,15 @@ def status_document(supervisor: Supervisor, observer: RedisObserver) -> dict[str
         pools[name] = {"status": health.status, "reason": health.reason, "serving": health.serving,
                        "processes": pool.quota.processes, "shards": pool.quota.shards,
                        "concurrency": pool.quota.concurrency, "job_timeout": pool.quota.job_timeout,
+                       "max_tries": pool.quota.max_tries, "memory_limit_mb": pool.quota.memory_limit_mb,
+                       "max_jobs_per_process": pool.quota.max_jobs_per_process,
                        "restarts": sum(s.restarts for s in pool.slots)}
     snap = observer.snapshot
     queues: dict[str, dict[str, Any]] = {}
     for (pool_name, shard), depth in sorted(snap.queues.items()):
         queues.setdefault(pool_name, {})[str(shard)] = {"ready": depth.ready, "total": depth.total,
-                                                        "runnable": depth.runnable}
+                                                        "runnable": depth.runnable,
+                                                        "deferred": depth.total - depth.ready}
     last_reload = supervisor.last_reload
     return {
         "supervisor": {
@@ -117,7 +131,8 @@ def status_document(supervisor: Supervisor, observer: RedisObserver) -> dict[str
         "pools": pools,
         "processes": rows,
         "queues": queues,
-        "tenants": {t: {"in_flight": c.in_flight, "pending": c.pending} for t, c in sorted(snap.tenants.items())},
+        "tenants": {t: {"in_flight": c.in_flight, "pending": c.pending, **_tenant_limits(supervisor, observer, t)}
+                    for t, c in sorted(snap.tenants.items())},
         "dead_letters": dict(sorted(snap.dead_letters.items())),
         "observed_at": snap.at,
         "restarts": {f"{pool}/{reason}": n for (pool, reason), n in sorted(supervisor.restart_counts.items())},

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.asyncio import Redis
 
+from agentworker import job_control
 from agentworker.config import TENANT_KEYS, ConfigError
 from agentworker.db import Database, DatabaseError, open_database
 from agentworker.db.urls import redact_url
@@ -39,6 +40,7 @@ from agentworker.settings import Settings
 from agentworker.supervisor.directory_lock import DirectoryInUse, DirectoryLock
 from agentworker.supervisor.metrics_archive import MetricsArchive
 from agentworker.supervisor.observer import RedisObserver
+from agentworker.supervisor.operator_views import OperatorViews, parse_decision
 from agentworker.supervisor.reconcile import TICK_S, Supervisor
 from agentworker.supervisor.reload import QuotaFileWatch
 from agentworker.supervisor.report import SupervisorCollector, pool_health, status_document
@@ -70,9 +72,13 @@ class SupervisorBackend:
         self.settings = settings
         self.registry = registry
         self.admin_token = settings.admin_token
-        #: opened on the first tenant-store request (the supervisor needs no database otherwise); closed by close()
+        self.status_token = settings.status_token
+        #: opened on the first request that needs PostgreSQL (the tenant store, the console's runs and
+        #: schedules; the supervisor needs no database otherwise); closed by close()
         self._database: Database | None = None
         self._database_lock = asyncio.Lock()
+        self.views = OperatorViews(redis, self.database, lambda: self.supervisor.config, observer.tenants,
+                                   max_payload_bytes=settings.max_payload_bytes)
 
     def liveness_checks(self) -> list[Check]:
         age = time.monotonic() - self.supervisor.last_turn
@@ -113,9 +119,9 @@ class SupervisorBackend:
 
     # -- the tenant store (/admin/tenants) --------------------------------------------------------------
 
-    async def tenant_store(self) -> TenantStore:
-        """The tenant store on the supervisor's Redis and current quota file, its database opened on
-        first use (:class:`DatabaseError` while it cannot be; the next request tries again)."""
+    async def database(self) -> Database:
+        """The supervisor's own database pool, opened on first use (:class:`DatabaseError` while it cannot
+        be; the next request tries again)."""
         async with self._database_lock:
             if self._database is None:
                 try:
@@ -125,7 +131,11 @@ class SupervisorBackend:
                     # e.g. the URL's database does not exist: unusable like an unreachable server
                     raise DatabaseError(f"cannot use PostgreSQL at {redact_url(self.settings.database_url)}: "
                                         f"{exc}") from exc
-        return TenantStore(self._database, self.redis, lambda: self.supervisor.config)
+            return self._database
+
+    async def tenant_store(self) -> TenantStore:
+        """The tenant store on the supervisor's Redis, database and current quota file."""
+        return TenantStore(await self.database(), self.redis, lambda: self.supervisor.config)
 
     async def list_tenants(self, *, after: str, limit: int) -> list[dict[str, Any]]:
         store = await self.tenant_store()
@@ -159,6 +169,49 @@ class SupervisorBackend:
     async def tenant_history(self, tenant_id: str, *, limit: int) -> list[dict[str, Any]]:
         validate_tenant_id(tenant_id)
         return [change.as_json() for change in await (await self.tenant_store()).history(tenant_id, limit=limit)]
+
+    # -- the console (/status/..., /admin/jobs, decisions) --------------------------------------------------
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        view = await job_control.get_job(self.redis, job_id, config=self.supervisor.config)
+        answer = view.as_json()
+        answer["events"] = [] if view.status == "not_found" else await self.views.job_events(view.tenant_id, job_id)
+        return answer
+
+    async def cancel_job(self, job_id: str, *, by: str) -> dict[str, Any]:
+        view = await job_control.cancel_job(self.redis, job_id, by=by, config=self.supervisor.config,
+                                            keep_result_s=self.settings.keep_result)
+        log.info("job cancel requested over HTTP", job_id=job_id, by=by, status=view.status)
+        return view.as_json()
+
+    async def retry_job(self, job_id: str, *, by: str) -> dict[str, Any]:
+        view = await job_control.retry_job(self.redis, self.supervisor.config, job_id, by=by,
+                                           max_payload_bytes=self.settings.max_payload_bytes)
+        log.info("job retried over HTTP", job_id=job_id, by=by, status=view.status)
+        return view.as_json()
+
+    async def dead_letters(self, pool: str | None, *, limit: int) -> dict[str, Any]:
+        return await self.views.dead_letters(pool, limit=limit)
+
+    async def tenant_runs(self, tenant_id: str, *, status: str | None, limit: int) -> list[dict[str, Any]]:
+        return await self.views.runs(tenant_id, status=status, limit=limit)
+
+    async def tenant_run(self, tenant_id: str, run_id: str) -> dict[str, Any]:
+        return await self.views.run(tenant_id, run_id)
+
+    async def tenant_schedules(self, tenant_id: str) -> dict[str, Any]:
+        return await self.views.schedules(tenant_id)
+
+    async def tenant_failures(self, tenant_id: str, *, limit: int) -> list[dict[str, Any]]:
+        return await self.views.failures(tenant_id, limit=limit)
+
+    async def decide(self, tenant_id: str, run_id: str, body: Any) -> dict[str, Any]:
+        decision = parse_decision(body)
+        answer = await self.views.decide(tenant_id, run_id, decision)
+        log.info("approval decision enqueued over HTTP" if answer["created"] else
+                 "approval decision already enqueued (same run and step)", tenant_id=tenant_id, run_id=run_id,
+                 step_id=answer["step_id"], decision=decision.decision, by=decision.by, job_id=answer["job_id"])
+        return answer
 
     async def close(self) -> None:
         """Close what the backend opened (its database pool, if a tenant request opened it)."""
