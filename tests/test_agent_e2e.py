@@ -155,6 +155,30 @@ async def test_a_hanging_model_endpoint_is_cut_at_its_timeout_and_counted_in_the
     assert registry.get_sample_value("agentworker_llm_request_duration_seconds_count", labels) == 1
 
 
+async def test_an_agent_run_cancelled_while_its_model_call_hangs_ends_cancelled(
+        redis_url: str, write_quotas: Callable[..., Path], database_url: str, database: Database,
+        spawn_worker: Any, fake_openai: Any) -> None:
+    path = write_quotas({"pools": {"standard": {"shards": 1, "job_timeout": 120, "max_tries": 3}}})
+    tenant = new_tenant("stop")
+    worker = spawn_worker(path, **workflow_worker_env(database_url))
+    async with workflow_client(redis_url, path, database) as client:
+        await client.save_integration(tenant, "model", model_settings(fake_openai, "hang", timeout=60))
+        await worker.wait_serving()
+        job = await client.enqueue("run_chat_agent", tenant_id=tenant,
+                                   payload={"conversation_id": "c1", "message": "hello?"})
+        await wait_for(lambda: len(fake_openai.requests) == 1, 30, what="the agent to call its model")
+        view = await client.cancel(job.job_id, by="sre")
+        assert view.status in ("running", "cancelled")
+        with pytest.raises(JobFailed) as info:
+            await job.result(timeout=30)
+        assert info.value.error == "JobCancelled"
+        events = await agent_events(client, tenant, "agent_cancelled")
+        assert events[-1].data["conversation_id"] == "c1" and events[-1].data["by"] == "sre"
+        assert not [e for e in events if e.event == "agent_run_failed"]
+        assert (await client.get_job(job.job_id)).status == "cancelled"
+        assert len(fake_openai.requests) == 1  # not retried
+
+
 async def test_the_chat_agent_remembers_the_conversation_across_worker_processes(
         redis_url: str, quota_file: Path, database_url: str, database: Database, spawn_worker: Any,
         fake_openai: Any) -> None:
