@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,23 @@ async def test_a_running_job_cancelled_through_the_client_ends_cancelled(client:
     assert "job_failed" not in names and "job_retrying" not in names
     cancelled = next(e for e in events if e["event"] == "job_cancelled")
     assert cancelled["data"]["by"] == "test:dana" and cancelled["data"]["error"] == "JobCancelled"
+
+
+async def test_a_bare_cancel_request_in_redis_finishes_a_queued_job_when_it_is_claimed(
+        client: AgentWorkerClient, redis: Redis) -> None:
+    """docs/protocol.md: a producer without the client may only ZADD the request; the claim honours it."""
+    tenant = new_tenant("bare")
+    job = await client.enqueue("probe_sleep", tenant_id=tenant, payload={"seconds": 0.1, "group": tenant},
+                               defer=2)
+    assert (await client.get_job(job.job_id)).status == "deferred"
+    await redis.zadd("arq:abort", {job.job_id: int(time.time() * 1000)}, nx=True)
+    with pytest.raises(JobFailed) as failed:
+        await job.result(timeout=60)
+    assert failed.value.error == "JobCancelled" and "before it started" in failed.value.message
+    assert await redis.hget("probe:runs", job.job_id) is None  # it never ran
+    assert await redis.zscore("arq:abort", job.job_id) is None
+    assert (await client.get_job(job.job_id)).status == "cancelled"
+    assert await client.pending_count(tenant) == 0
 
 
 async def test_a_running_job_cancelled_through_the_cli(client: AgentWorkerClient, redis: Redis, redis_url: str,
