@@ -141,6 +141,13 @@ class SupervisorProcess:
         await wait_for(ready, timeout, what=f"{self.name} to be ready", interval=0.1)
         return await self.status()
 
+    async def wait_all_serving(self, pool: str = "standard", timeout: float = 45) -> dict[str, Any]:
+        """:meth:`wait_ready`, then until every process of ``pool`` serves (ready needs only one)."""
+        await self.wait_ready(timeout)
+        return await self.wait_status(
+            lambda s: len(serving_pids(s, pool)) == s["pools"][pool]["processes"], timeout,
+            what=f"every process of pool {pool} to serve")
+
     async def wait_status(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30,
                           what: str = "status condition") -> dict[str, Any]:
         found: dict[str, Any] = {}

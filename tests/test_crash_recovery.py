@@ -113,7 +113,7 @@ async def test_kill_9_of_a_worker_running_10_jobs_runs_them_all_again_elsewhere_
         supervisors: Callable[..., SupervisorProcess], write_quotas: Quotas, redis: Redis, redis_url: str) -> None:
     config = write_quotas(quotas(shards=2, processes=2, concurrency=20))
     sup = supervisors(config)
-    victim, bystander = serving_pids(await sup.wait_ready(), "standard")
+    victim, bystander = serving_pids(await sup.wait_all_serving(), "standard")
 
     async with make_client(redis_url, config) as client:
         # The bystander is paused while the jobs are taken, so the victim runs all ten.

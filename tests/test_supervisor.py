@@ -298,7 +298,7 @@ async def test_workers_do_not_outlive_a_supervisor_killed_with_sigkill(
         supervisors: Callable[..., SupervisorProcess], write_quotas: Quotas) -> None:
     config = write_quotas(quotas(standard={"shards": 1, "processes": 2, "concurrency": 2, "job_timeout": 30}))
     sup = supervisors(config)
-    pids = set(serving_pids(await sup.wait_ready(), "standard"))
+    pids = set(serving_pids(await sup.wait_all_serving(), "standard"))
     assert len(pids) == 2
     sup.signal(signal.SIGKILL)  # no chance to clean up: the kernel's parent-death signal stops the workers
     assert await sup.wait_exit() == -signal.SIGKILL

@@ -110,7 +110,7 @@ async def test_forked_workers_share_no_connection_with_the_zygote_or_each_other(
         supervisors: Callable[..., SupervisorProcess], write_quotas: Quotas, redis: Redis, redis_url: str) -> None:
     config = write_quotas(quotas())
     sup = supervisors(config)
-    first = serving_pids(await sup.wait_ready(), "standard")
+    first = serving_pids(await sup.wait_all_serving(), "standard")
     assert len(first) == 2
     assert all(started_via(sup)[pid] == "zygote" for pid in first)
     zygote = zygote_pid(sup)
@@ -155,7 +155,7 @@ async def test_forked_workers_die_with_a_supervisor_killed_with_sigkill(
         supervisors: Callable[..., SupervisorProcess], write_quotas: Quotas) -> None:
     config = write_quotas(quotas())
     sup = supervisors(config)
-    pids = set(serving_pids(await sup.wait_ready(), "standard"))
+    pids = set(serving_pids(await sup.wait_all_serving(), "standard"))
     assert {started_via(sup)[pid] for pid in pids} == {"zygote"}
     zygote = zygote_pid(sup)
     assert zygote is not None and len(live_workers(pids)) == 2
@@ -176,7 +176,7 @@ async def test_without_the_zygote_workers_start_afresh_until_it_is_back(
         supervisors: Callable[..., SupervisorProcess], write_quotas: Quotas, redis_url: str) -> None:
     config = write_quotas(quotas())
     sup = supervisors(config)
-    first = serving_pids(await sup.wait_ready(), "standard")
+    first = serving_pids(await sup.wait_all_serving(), "standard")
     old_zygote = zygote_pid(sup)
     assert old_zygote is not None
 
