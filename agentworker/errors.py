@@ -105,7 +105,7 @@ INTERNAL_ERRORS: dict[str, str] = {
     "agentworker.jobs.JobDeferred": "the worker puts the job back in its queue, due later, without spending a "
                                     "try (a `job_deferred` event)",
     "agentworker.llm_budget.LlmBudgetExhausted": "a JobDeferred: the tenant's token budget has no room now",
-    "agentworker.health.app._Refused": "a tenant endpoint's refusal: the app answers it as its status code and "
+    "agentworker.health.common.Refused": "a tenant endpoint's refusal: the app answers it as its status code and "
                                        "JSON body",
     "agentworker.ingress.app.Refused": "a webhook delivery's refusal: the ingress answers it as its status code "
                                        "and one-sentence JSON body",

@@ -437,7 +437,7 @@ async def test_postgresql_unavailable_is_503_and_the_next_request_tries_again(
 
 async def test_a_body_that_does_not_arrive_is_answered_408(
         served: tuple[TestClient[Any, Any], SupervisorBackend], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("agentworker.health.app.BODY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("agentworker.health.common.BODY_TIMEOUT_S", 0.3)
     http, _ = served
     tenant = new_tenant("http")
     reader, writer = await asyncio.open_connection(http.host, http.port)

@@ -78,18 +78,18 @@ is not a JSON object of the keys above; 413 for a body over :data:`MAX_BODY_BYTE
 while PostgreSQL cannot be used; 408 for a body still not received after :data:`BODY_TIMEOUT_S` (the
 server's deadline covers heads only).
 
-The app knows the supervisor only through :class:`HealthBackend`, so it can be tested on its own.
+The probes, ``/status``, the guards, the error answers and the tenant endpoints are here; the console's
+endpoints are :mod:`~agentworker.health.console_routes`, and what both share (the backend protocol, bodies,
+refusals) :mod:`~agentworker.health.common`. The app knows the supervisor only through
+:class:`HealthBackend`, so it can be tested on its own.
 :mod:`~agentworker.health.server` serves it (a deadline on request heads, one-line logs for malformed
 requests).
 """
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import json
-from importlib import resources
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -99,115 +99,29 @@ from agentworker import jobs
 from agentworker.config import ConfigError
 from agentworker.db.database import DatabaseError
 from agentworker.db.runs import InvalidRunId
-from agentworker.errors import AgentWorkerError
 from agentworker.health.checks import FAIL, HEALTH_JSON, Check, health_document
+from agentworker.health.common import (
+    BACKEND,
+    BODY_TIMEOUT_S,
+    MAX_BODY_BYTES,
+    ConsoleRefusal,
+    HealthBackend,
+    Refused,
+    authorized,
+    no_store_json,
+    read_body,
+    refusal,
+)
+from agentworker.health.console_routes import add_console_routes
 from agentworker.health.openapi import openapi_document
-from agentworker.job_control import JobNotCancellable, JobNotFound, JobNotRetryable, parse_job_id
+from agentworker.job_control import JobNotCancellable, JobNotFound, JobNotRetryable
 from agentworker.routing import InvalidTenantId, validate_tenant_id
 from agentworker.submit import QuotaExceeded
 
-#: the largest request body read (PATCH /admin/tenants/{id}); a bigger one is refused unread
-MAX_BODY_BYTES = 64 * 1024
-#: seconds a request body may take to arrive (the server's deadline covers request heads only)
-BODY_TIMEOUT_S = 10.0
+__all__ = ["BACKEND", "BODY_TIMEOUT_S", "MAX_BODY_BYTES", "HealthBackend", "create_app"]
+
 #: the keys of a PATCH /admin/tenants/{id} body
 TENANT_CHANGE_KEYS = ("by", "overrides", "plan", "unset")
-#: the largest ``limit`` of the /status/... lists, and the longest ``by`` of a job action
-MAX_LIST_LIMIT, MAX_BY_CHARS = 200, 200
-#: who an action is recorded as when its body names no one
-DEFAULT_BY = "admin-http"
-#: the console's files (agentworker/health/console/): the only names /ui/static/ serves
-CONSOLE_FILES = {"console.js": "text/javascript", "console.css": "text/css"}
-#: headers of every console file: nothing but the package's own files may load or run, no framing
-CONSOLE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
-                               "frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
-
-
-class ConsoleRefusal(AgentWorkerError):
-    """A console request the backend refuses, answered ``status`` with the message as its sentence:
-    400 a bad argument, 404 no such run, 409 not in a state the action applies to."""
-
-    status = 400
-
-
-class HealthBackend(Protocol):
-    """What the HTTP app needs from the supervisor."""
-
-    admin_token: str | None
-
-    def liveness_checks(self) -> list[Check]: ...
-
-    async def readiness_checks(self) -> list[Check]: ...
-
-    def status(self) -> dict[str, Any]: ...
-
-    def metrics(self) -> bytes: ...
-
-    async def reload(self, trigger: str) -> tuple[int, dict[str, Any]]:
-        """Reload the quota file; return the HTTP status (200, 422 refused, 503 no answer) and the body."""
-        ...
-
-    # The tenant store (agentworker.tenants). Each raises InvalidTenantId for a bad id, ConfigError
-    # (InvalidTenantChange) for a refused change or argument, DatabaseError while PostgreSQL cannot be used.
-
-    async def list_tenants(self, *, after: str, limit: int) -> list[dict[str, Any]]:
-        """The stored tenants' views (``TenantView.as_json()``) in id order, ``limit`` after ``after``."""
-        ...
-
-    async def get_tenant(self, tenant_id: str) -> dict[str, Any]:
-        """The tenant's view (any valid id has one)."""
-        ...
-
-    async def set_tenant(self, tenant_id: str, *, by: str, change: dict[str, Any]) -> dict[str, Any]:
-        """Apply ``change`` (any of ``plan``, ``overrides``, ``unset``: a PATCH body without ``by``,
-        its values' JSON types checked); return the new view."""
-        ...
-
-    async def remove_tenant(self, tenant_id: str, *, by: str) -> dict[str, Any] | None:
-        """Remove the tenant's entry and return its view now; None if it had no entry."""
-        ...
-
-    async def tenant_history(self, tenant_id: str, *, limit: int) -> list[dict[str, Any]]:
-        """The entry's audit trail (``TenantChange.as_json()``), newest first."""
-        ...
-
-    # The console's reads and actions. Tenant ids raise InvalidTenantId, run ids InvalidRunId, refusals
-    # of the backend's own a ConsoleRefusal; job control raises JobNotFound, JobNotCancellable and
-    # JobNotRetryable.
-
-    status_token: str | None
-
-    async def job(self, job_id: str) -> dict[str, Any]:
-        """``JobView.as_json()`` plus ``events`` (none for a job whose status is ``not_found``)."""
-        ...
-
-    async def cancel_job(self, job_id: str, *, by: str) -> dict[str, Any]: ...
-
-    async def retry_job(self, job_id: str, *, by: str) -> dict[str, Any]: ...
-
-    async def dead_letters(self, pool: str | None, *, limit: int) -> dict[str, Any]: ...
-
-    async def tenant_runs(self, tenant_id: str, *, status: str | None, limit: int) -> list[dict[str, Any]]: ...
-
-    async def tenant_run(self, tenant_id: str, run_id: str) -> dict[str, Any]: ...
-
-    async def tenant_schedules(self, tenant_id: str) -> dict[str, Any]: ...
-
-    async def tenant_failures(self, tenant_id: str, *, limit: int) -> list[dict[str, Any]]: ...
-
-    async def decide(self, tenant_id: str, run_id: str, body: Any) -> dict[str, Any]:
-        """Check ``body`` (a decision) and enqueue ``resume_run``: ``{job_id, created, step_id}``."""
-        ...
-
-
-BACKEND: web.AppKey[HealthBackend] = web.AppKey("backend", HealthBackend)
 
 
 def _health_response(checks: list[Check], description: str) -> web.Response:
@@ -240,19 +154,13 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(request.app[BACKEND].status())
 
 
-def _authorized(request: web.Request, token: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
-
-
 @web.middleware
 async def admin_guard(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path.startswith("/admin/") or request.path == "/admin":
         token = request.app[BACKEND].admin_token
         if not token:
             raise web.HTTPNotFound()
-        if not _authorized(request, token):
+        if not authorized(request, token):
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Bearer realm="agentworker"'},
                                        text="a valid bearer token is required\n")
     response: web.StreamResponse = await handler(request)
@@ -270,8 +178,8 @@ async def status_guard(request: web.Request, handler: Any) -> web.StreamResponse
     if _reads_status(request.path):
         backend = request.app[BACKEND]
         token = backend.status_token
-        if token and not (_authorized(request, token)
-                          or (backend.admin_token and _authorized(request, backend.admin_token))):
+        if token and not (authorized(request, token)
+                          or (backend.admin_token and authorized(request, backend.admin_token))):
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Bearer realm="agentworker"'},
                                        text="a valid bearer token (AGENTWORKER_STATUS_TOKEN or the admin token) "
                                             "is required\n")
@@ -287,19 +195,6 @@ async def admin_reload(request: web.Request) -> web.Response:
 # -- /admin/tenants -------------------------------------------------------------------------------------
 
 
-class _Refused(Exception):
-    """A tenant request answered with ``{"error": ..., "errors": [...]}`` and ``status``."""
-
-    def __init__(self, status: int, error: str, errors: list[str]) -> None:
-        super().__init__(error)
-        self.status, self.error, self.errors = status, error, errors
-
-
-def _refused(status: int, error: str, errors: list[str]) -> web.Response:
-    return web.json_response({"error": error, "errors": errors}, status=status,
-                             headers={"Cache-Control": "no-store"})
-
-
 @web.middleware
 async def tenant_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """The failures of the tenant store, the console's reads and the job actions as JSON answers
@@ -309,33 +204,29 @@ async def tenant_errors(request: web.Request, handler: Any) -> web.StreamRespons
         return response
     try:
         response = await handler(request)
-    except _Refused as exc:
-        return _refused(exc.status, exc.error, exc.errors)
+    except Refused as exc:
+        return refusal(exc.status, exc.error, exc.errors)
     except InvalidTenantId as exc:
-        return _refused(400, "invalid tenant id", [str(exc)])
+        return refusal(400, "invalid tenant id", [str(exc)])
     except (InvalidRunId, jobs.InvalidJob) as exc:
-        return _refused(400, str(exc), [str(exc)])
+        return refusal(400, str(exc), [str(exc)])
     except ConfigError as exc:  # InvalidTenantChange: one path: message per problem, nothing changed
-        return _refused(400, f"{exc.source}: {len(exc.errors)} error(s)", exc.errors)
+        return refusal(400, f"{exc.source}: {len(exc.errors)} error(s)", exc.errors)
     except JobNotFound as exc:
-        return _refused(404, str(exc), [])
+        return refusal(404, str(exc), [])
     except (JobNotCancellable, JobNotRetryable) as exc:
-        return _refused(409, str(exc), [])
+        return refusal(409, str(exc), [])
     except QuotaExceeded as exc:
-        return _refused(429, str(exc), [f"{exc.limit}: {exc}"])
+        return refusal(429, str(exc), [f"{exc.limit}: {exc}"])
     except DatabaseError as exc:
         store = request.path.startswith("/admin/tenants") and "/runs/" not in request.path
         what = "the tenant store is" if store else "workflow runs and schedules are"
-        return _refused(503, f"{what} unavailable: PostgreSQL cannot be used", [str(exc)])
+        return refusal(503, f"{what} unavailable: PostgreSQL cannot be used", [str(exc)])
     except RedisError as exc:
-        return _refused(503, "Redis cannot be used", [str(exc)[:500]])
+        return refusal(503, "Redis cannot be used", [str(exc)[:500]])
     except ConsoleRefusal as exc:
-        return _refused(exc.status, str(exc), [])
+        return refusal(exc.status, str(exc), [])
     return response
-
-
-def _json(body: Any) -> web.Response:
-    return web.json_response(body, headers={"Cache-Control": "no-store"})
 
 
 def _limit(request: web.Request) -> int:
@@ -343,24 +234,7 @@ def _limit(request: web.Request) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise _Refused(400, "invalid query", [f"limit: must be an integer from 1 to 5000 (got {raw!r})"]) from None
-
-
-async def _read_body(request: web.Request) -> bytes:
-    """The request body, at most :data:`MAX_BODY_BYTES`, within :data:`BODY_TIMEOUT_S`."""
-    too_big = _Refused(413, "request body too large", [f"body: larger than {MAX_BODY_BYTES} bytes"])
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise too_big
-    body = bytearray()
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
-            while chunk := await request.content.read(MAX_BODY_BYTES + 1 - len(body)):
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    raise too_big
-    except TimeoutError:
-        raise _Refused(408, "request body too slow", [f"body: not received within {BODY_TIMEOUT_S:g}s"]) from None
-    return bytes(body)
+        raise Refused(400, "invalid query", [f"limit: must be an integer from 1 to 5000 (got {raw!r})"]) from None
 
 
 def _tenant_change(raw: bytes) -> tuple[str, dict[str, Any]]:
@@ -369,9 +243,9 @@ def _tenant_change(raw: bytes) -> tuple[str, dict[str, Any]]:
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, a number too long, nested too deep
-        raise _Refused(400, "invalid request body", [f"body: not JSON ({str(exc)[:200]})"]) from None
+        raise Refused(400, "invalid request body", [f"body: not JSON ({str(exc)[:200]})"]) from None
     if not isinstance(body, dict):
-        raise _Refused(400, "invalid request body", [f"body: must be a JSON object, not {type(body).__name__}"])
+        raise Refused(400, "invalid request body", [f"body: must be a JSON object, not {type(body).__name__}"])
     known = ", ".join(TENANT_CHANGE_KEYS)
     problems = [f"{key}: unknown key (known: {known})" for key in body if key not in TENANT_CHANGE_KEYS]
     if "by" not in body:
@@ -388,161 +262,37 @@ def _tenant_change(raw: bytes) -> tuple[str, dict[str, Any]]:
     if not problems and not (body.get("overrides") or body.get("unset") or "plan" in body):
         problems.append("body: nothing to change (give plan, overrides or unset)")
     if problems:
-        raise _Refused(400, "invalid request body", problems)
+        raise Refused(400, "invalid request body", problems)
     by = body.pop("by")
     return by, body
 
 
 async def admin_tenants(request: web.Request) -> web.Response:
     after = request.query.get("after", "")
-    return _json(await request.app[BACKEND].list_tenants(after=after, limit=_limit(request)))
+    return no_store_json(await request.app[BACKEND].list_tenants(after=after, limit=_limit(request)))
 
 
 async def admin_tenant(request: web.Request) -> web.Response:
-    return _json(await request.app[BACKEND].get_tenant(request.match_info["tenant_id"]))
+    return no_store_json(await request.app[BACKEND].get_tenant(request.match_info["tenant_id"]))
 
 
 async def admin_tenant_patch(request: web.Request) -> web.Response:
     tenant_id = validate_tenant_id(request.match_info["tenant_id"])  # before reading any body
-    by, change = _tenant_change(await _read_body(request))
-    return _json(await request.app[BACKEND].set_tenant(tenant_id, by=by, change=change))
+    by, change = _tenant_change(await read_body(request))
+    return no_store_json(await request.app[BACKEND].set_tenant(tenant_id, by=by, change=change))
 
 
 async def admin_tenant_delete(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
     view = await request.app[BACKEND].remove_tenant(tenant_id, by=request.query.get("by", ""))
     if view is None:
-        raise _Refused(404, f"tenant {tenant_id} has no stored entry", [])
-    return _json(view)
+        raise Refused(404, f"tenant {tenant_id} has no stored entry", [])
+    return no_store_json(view)
 
 
 async def admin_tenant_history(request: web.Request) -> web.Response:
-    return _json(await request.app[BACKEND].tenant_history(request.match_info["tenant_id"], limit=_limit(request)))
-
-
-# -- the console's data (/status/...) and actions (/admin/jobs, decisions) ------------------------------------
-
-
-def _query_int(request: web.Request, name: str, default: int, most: int = MAX_LIST_LIMIT) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= most:
-        raise _Refused(400, "invalid query", [f"{name}: must be an integer from 1 to {most} (got {raw[:50]!r})"])
-    return value
-
-
-def _query_text(request: web.Request, name: str, most: int = 100) -> str | None:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return None
-    if len(raw) > most:
-        raise _Refused(400, "invalid query", [f"{name}: longer than {most} characters"])
-    return raw
-
-
-def _job_id(request: web.Request) -> str:
-    """The path's job id, checked as the submitter makes them (tenant id, task name, key; InvalidJob is
-    answered 400) before anything is read."""
-    job_id = request.match_info["job_id"]
-    parse_job_id(job_id)
-    return job_id
-
-
-def _json_body(raw: bytes, *, optional: bool = False) -> Any:
-    if optional and not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise _Refused(400, "invalid request body", [f"body: not JSON ({str(exc)[:200]})"]) from None
-
-
-def _action_by(body: Any) -> str:
-    """``by`` of a job action's optional body ``{"by": WHO}`` (default :data:`DEFAULT_BY`)."""
-    if not isinstance(body, dict) or set(body) - {"by"}:
-        raise _Refused(400, "invalid request body", ['body: must be empty or the JSON object {"by": WHO}'])
-    by = body.get("by", DEFAULT_BY)
-    if not isinstance(by, str) or not by.strip() or len(by) > MAX_BY_CHARS or not (by.isascii() and by.isprintable()):
-        raise _Refused(400, "invalid request body", [f"by: 1 to {MAX_BY_CHARS} printable ASCII characters"])
-    return by
-
-
-async def status_job(request: web.Request) -> web.Response:
-    job_id = _job_id(request)
-    view = await request.app[BACKEND].job(job_id)
-    if view.get("status") == "not_found":
-        raise _Refused(404, f"job {job_id} is not known: never enqueued, or its result has expired", [])
-    return _json(view)
-
-
-async def status_dead_letters(request: web.Request) -> web.Response:
-    pool = _query_text(request, "pool")
-    return _json(await request.app[BACKEND].dead_letters(pool, limit=_query_int(request, "limit", 50)))
-
-
-async def status_tenant_runs(request: web.Request) -> web.Response:
-    tenant_id = validate_tenant_id(request.match_info["tenant_id"])
-    return _json(await request.app[BACKEND].tenant_runs(tenant_id, status=_query_text(request, "status", 40),
-                                                        limit=_query_int(request, "limit", 50)))
-
-
-async def status_tenant_run(request: web.Request) -> web.Response:
-    tenant_id = validate_tenant_id(request.match_info["tenant_id"])
-    return _json(await request.app[BACKEND].tenant_run(tenant_id, request.match_info["run_id"]))
-
-
-async def status_tenant_schedules(request: web.Request) -> web.Response:
-    tenant_id = validate_tenant_id(request.match_info["tenant_id"])
-    return _json(await request.app[BACKEND].tenant_schedules(tenant_id))
-
-
-async def status_tenant_failures(request: web.Request) -> web.Response:
-    tenant_id = validate_tenant_id(request.match_info["tenant_id"])
-    return _json(await request.app[BACKEND].tenant_failures(tenant_id, limit=_query_int(request, "limit", 20)))
-
-
-async def admin_job_cancel(request: web.Request) -> web.Response:
-    job_id = _job_id(request)
-    by = _action_by(_json_body(await _read_body(request), optional=True))
-    return _json(await request.app[BACKEND].cancel_job(job_id, by=by))
-
-
-async def admin_job_retry(request: web.Request) -> web.Response:
-    job_id = _job_id(request)
-    by = _action_by(_json_body(await _read_body(request), optional=True))
-    return _json(await request.app[BACKEND].retry_job(job_id, by=by))
-
-
-async def admin_run_decision(request: web.Request) -> web.Response:
-    tenant_id = validate_tenant_id(request.match_info["tenant_id"])  # before reading any body
-    body = _json_body(await _read_body(request))
-    answer = await request.app[BACKEND].decide(tenant_id, request.match_info["run_id"], body)
-    return web.json_response(answer, status=202, headers={"Cache-Control": "no-store"})
-
-
-# -- the console's files ----------------------------------------------------------------------------------------
-
-
-def _console_file(name: str) -> bytes:
-    return resources.files("agentworker.health").joinpath("console", name).read_bytes()
-
-
-async def console_page(request: web.Request) -> web.Response:
-    return web.Response(body=_console_file("index.html"), content_type="text/html", charset="utf-8",
-                        headers=CONSOLE_HEADERS)
-
-
-async def console_static(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    media = CONSOLE_FILES.get(name)  # a fixed list: no path is ever built from the request
-    if media is None:
-        raise web.HTTPNotFound(text=f"no console file {name[:100]!r}\n")
-    return web.Response(body=_console_file(name), content_type=media, charset="utf-8", headers=CONSOLE_HEADERS)
+    tenant_id = request.match_info["tenant_id"]
+    return no_store_json(await request.app[BACKEND].tenant_history(tenant_id, limit=_limit(request)))
 
 
 def create_app(backend: HealthBackend) -> web.Application:
@@ -559,15 +309,5 @@ def create_app(backend: HealthBackend) -> web.Application:
     app.router.add_patch("/admin/tenants/{tenant_id}", admin_tenant_patch)
     app.router.add_delete("/admin/tenants/{tenant_id}", admin_tenant_delete)
     app.router.add_get("/admin/tenants/{tenant_id}/history", admin_tenant_history)
-    app.router.add_get("/status/jobs/{job_id}", status_job)
-    app.router.add_get("/status/dead-letters", status_dead_letters)
-    app.router.add_get("/status/tenants/{tenant_id}/runs", status_tenant_runs)
-    app.router.add_get("/status/tenants/{tenant_id}/runs/{run_id}", status_tenant_run)
-    app.router.add_get("/status/tenants/{tenant_id}/schedules", status_tenant_schedules)
-    app.router.add_get("/status/tenants/{tenant_id}/failures", status_tenant_failures)
-    app.router.add_post("/admin/jobs/{job_id}/cancel", admin_job_cancel)
-    app.router.add_post("/admin/jobs/{job_id}/retry", admin_job_retry)
-    app.router.add_post("/admin/tenants/{tenant_id}/runs/{run_id}/decision", admin_run_decision)
-    app.router.add_get("/ui", console_page)
-    app.router.add_get("/ui/static/{name}", console_static)
+    add_console_routes(app)
     return app

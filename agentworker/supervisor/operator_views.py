@@ -30,7 +30,7 @@ from agentworker.db import runs as run_rows
 from agentworker.db import schedules as schedule_rows
 from agentworker.db.approvals import ApprovalRecord
 from agentworker.dead_letters import list_dead_letters
-from agentworker.health.app import ConsoleRefusal
+from agentworker.health.common import ConsoleRefusal
 from agentworker.routing import validate_tenant_id
 from agentworker.schedules.spec import schedule_view
 from agentworker.submit import JobSubmitter

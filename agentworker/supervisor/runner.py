@@ -62,7 +62,7 @@ class StartupError(AgentWorkerError):
 
 
 class SupervisorBackend:
-    """The supervisor as the HTTP app sees it (:class:`agentworker.health.app.HealthBackend`)."""
+    """The supervisor as the HTTP app sees it (:class:`agentworker.health.common.HealthBackend`)."""
 
     def __init__(self, supervisor: Supervisor, observer: RedisObserver, redis: Redis, settings: Settings,
                  registry: CollectorRegistry) -> None:
