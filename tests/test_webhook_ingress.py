@@ -373,7 +373,8 @@ async def test_the_command_serves_until_sigterm_and_a_worker_runs_what_it_accept
 def test_the_command_refuses_bad_options_in_one_line(quota_file: Path, redis_url: str) -> None:
     env = worker_env(redis_url)
     for argv, needle in ((["--port", "70000"], "not a port number"),
-                         (["--config", str(quota_file.parent / "missing.yaml")], "cannot read the file")):
+                         (["--config", str(quota_file.parent / "missing.yaml")], "cannot read the file"),
+                         (["--config", str(quota_file), "--host", ""], "(--host, AGENTWORKER_WEBHOOK_HOST) is empty")):
         done = subprocess.run([sys.executable, "-m", "agentworker", "webhooks", *argv], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr, done.stderr

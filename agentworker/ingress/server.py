@@ -86,6 +86,9 @@ async def serve(settings: Settings, config_path: Path, *, host: str | None = Non
         raise StartupError(f"bad quota file {exc}") from None
     host = settings.webhook_host if host is None else host
     port = settings.webhook_port if port is None else port
+    if not host.strip():  # aiohttp would bind every interface: say so instead of guessing
+        raise SettingsError("the webhook ingress's host (--host, AGENTWORKER_WEBHOOK_HOST) is empty: give an "
+                            "address, e.g. 0.0.0.0 for every interface or 127.0.0.1 for this machine only")
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.ready_timeout, socket_timeout=5)
     database = LazyDatabase(settings.database_url)
     submitter = JobSubmitter(redis, config, max_payload_bytes=settings.max_payload_bytes)
