@@ -79,6 +79,7 @@ __all__ = [
     "cancel_job",
     "get_job",
     "parse_job_id",
+    "prune_cancel_requests",
     "retry_job",
 ]
 
@@ -95,6 +96,25 @@ _RETRY_HOLD_MS = 3_600_000
 DEFAULT_KEEP_RESULT_S = 86_400.0
 
 STATUSES = ("queued", "deferred", "running", "completed", "failed", "cancelled", "not_found")
+
+
+#: the supervisor drops a cancel request this old whose job Redis no longer knows (:func:`prune_cancel_requests`)
+STALE_REQUEST_S = 600.0
+
+# For each of the oldest requests (from ARGV[3], at most ARGV[2], asked before ARGV[1] ms): dropped if
+# neither its job's record nor its in-progress marker exists (the job finished some other way, or expired
+# unclaimed). Returns {removed, looked at}.
+_PRUNE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', tonumber(ARGV[3]), tonumber(ARGV[2]))
+local removed = 0
+for _, id in ipairs(ids) do
+  if redis.call('EXISTS', ARGV[4] .. id) == 0 and redis.call('EXISTS', ARGV[5] .. id) == 0 then
+    redis.call('ZREM', KEYS[1], id)
+    removed = removed + 1
+  end
+end
+return {removed, #ids}
+"""
 
 
 class JobNotFound(AgentWorkerError, LookupError):
@@ -426,3 +446,17 @@ def describe(view: JobView) -> str:
     if view.status == "completed":
         lines.append(f"  result {json.dumps(view.result, default=str)[:2000]}")
     return "\n".join(lines)
+
+
+async def prune_cancel_requests(redis: Redis, *, offset: int = 0, limit: int = 500,
+                                older_than_s: float = STALE_REQUEST_S) -> tuple[int, int]:
+    """Drop the cancel requests older than ``older_than_s`` whose job Redis no longer knows (a job that
+    expired unclaimed, or a request a producer made for a finished one), looking at ``limit`` of them from
+    ``offset`` in age order; return (removed, looked at). The supervisor calls it every minute, moving
+    ``offset`` past the requests it kept (jobs still waiting, e.g. deferred) and back to 0 at the end, so
+    the set stays as small as the requests that still mean something. (A new job of the same id also
+    drops the old request: ``enqueue.lua``.)"""
+    cutoff_ms = int((time.time() - older_than_s) * 1000)
+    removed, seen = await redis.eval(_PRUNE, 1, CANCEL_REQUESTS, str(cutoff_ms), str(limit),  # type: ignore[misc]
+                                     str(offset), jobs.job_key(""), jobs.in_progress_key(""))
+    return int(removed), int(seen)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,16 @@ from redis.asyncio import Redis
 from agentworker import jobs, keys
 from agentworker.cli import progress_line
 from agentworker.client import JobFailed, JobNotCancellable, JobNotFound, JobNotRetryable, JobStatus, QuotaExceeded
-from agentworker.job_control import CANCEL_REQUESTS, MAX_JOB_ID_CHARS, cancel_job, get_job, parse_job_id, retry_job
+from agentworker.job_control import (
+    CANCEL_REQUESTS,
+    MAX_JOB_ID_CHARS,
+    STALE_REQUEST_S,
+    cancel_job,
+    get_job,
+    parse_job_id,
+    prune_cancel_requests,
+    retry_job,
+)
 from agentworker.jobs import InvalidJob
 from agentworker.routing import route_tenant
 from tests.conftest import ROOT, make_client, new_tenant, worker_env
@@ -148,6 +158,31 @@ async def test_a_job_with_a_cancel_request_but_in_no_queue_gets_the_request(redi
         view = await client.cancel(job.job_id)
         assert view.cancel_requested and view.status == "queued"
         assert await redis.zscore(CANCEL_REQUESTS, job.job_id) is not None
+
+
+async def test_stale_cancel_requests_are_pruned_and_a_new_job_of_the_id_drops_the_old_one(
+        redis_url: str, quota_file: Path, redis: Redis) -> None:
+    tenant = new_tenant("pr")
+    # Older than any request another test of this session can have left (the sweep below looks only at those).
+    old_ms, older_than_s = int((time.time() - 4 * STALE_REQUEST_S) * 1000), 3 * STALE_REQUEST_S
+    gone, waiting, recent = (f"{tenant}:probe_count:{name}" for name in ("gone", "waiting", "recent"))
+    await redis.set(jobs.job_key(waiting), b"{}", px=60_000)  # its job still exists (e.g. deferred)
+    await redis.zadd(CANCEL_REQUESTS, {gone: old_ms, waiting: old_ms, recent: int(time.time() * 1000)})
+    removed, seen = await prune_cancel_requests(redis, older_than_s=older_than_s)
+    assert (removed, seen) == (1, 2)  # the recent one is not looked at; the waiting one is kept
+    assert await redis.zscore(CANCEL_REQUESTS, gone) is None
+    assert await redis.zscore(CANCEL_REQUESTS, waiting) is not None
+    # Paging: from offset 1 (past the kept one) there is nothing old left.
+    assert await prune_cancel_requests(redis, offset=1, older_than_s=older_than_s) == (0, 0)
+
+    # A request left behind for an id is not inherited by the next job enqueued under it.
+    async with make_client(redis_url, quota_file) as client:
+        await redis.zadd(CANCEL_REQUESTS, {f"{tenant}:probe_count:again": old_ms})
+        job = await client.enqueue("probe_count", tenant_id=tenant, idempotency_key="again")
+        assert job.created and await redis.zscore(CANCEL_REQUESTS, job.job_id) is None
+        assert not (await client.get_job(job.job_id)).cancel_requested
+    await redis.delete(jobs.job_key(waiting))
+    await redis.zrem(CANCEL_REQUESTS, waiting, recent)
 
 
 async def test_retry_needs_the_arguments(redis_url: str, quota_file: Path, redis: Redis) -> None:

@@ -52,6 +52,8 @@ local expires = tonumber(ARGV[4])
 local due = tonumber(ARGV[3])
 local tenant = ARGV[9]
 redis.call('SET', KEYS[1], ARGV[2], 'PX', expires)
+-- A cancel request left from an earlier job of this id (one that expired unclaimed) is not for this one.
+redis.call('ZREM', 'arq:abort', ARGV[1])
 redis.call('ZADD', KEYS[3], due, ARGV[1])
 redis.call('ZADD', KEYS[4], now + expires, ARGV[1])
 -- the set lives as long as its longest-lived entry (a later, shorter job must not cut it)

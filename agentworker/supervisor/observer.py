@@ -20,6 +20,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from agentworker import keys
 from agentworker.config import QuotaConfig
+from agentworker.job_control import prune_cancel_requests
 from agentworker.job_leases import holder_id, lua_source, publish_limits, quota_file_version, release_holder
 from agentworker.logs import get_logger
 from agentworker.rerouting import config_of_routing_table, reroute, reroute_strays
@@ -89,6 +90,9 @@ class RedisObserver:
         self._shards_known: set[tuple[str, int]] = set()  # every shard of every file seen: swept for strays
         self._sweep_cursors: dict[str, int] = {}
         self._swept_at: float | None = None
+        #: the cancel requests' sweep (prune_cancel_requests): when it last ran, and where it goes on
+        self._cancels_pruned_at: float | None = None
+        self._cancel_offset = 0
         self._newest_file = True  # False while another supervisor's newer quota file holds the limits
         self.jobs_rerouted = 0
         #: tenant-store entries (agentworker.tenants): a stored plan or pool routes a tenant elsewhere
@@ -160,6 +164,7 @@ class RedisObserver:
             await self._publish_routing()
             await self._reroute()
             await self._read_counts()
+            await self._prune_cancel_requests()
         except (RedisError, OSError) as exc:
             if self.ok is not False:
                 log.warning("Redis unreachable; will keep trying", error=str(exc))
@@ -224,6 +229,18 @@ class RedisObserver:
             self.jobs_rerouted += moved
             if moved:
                 log.info("queued jobs found where their tenants no longer route; moved", jobs=moved)
+
+    async def _prune_cancel_requests(self, batch: int = 500) -> None:
+        """Every REPUBLISH_INTERVAL_S, one batch of the cancel requests whose job Redis no longer knows is
+        dropped, so ``arq:abort`` holds only requests that still mean something."""
+        now = time.monotonic()
+        if self._cancels_pruned_at is not None and now - self._cancels_pruned_at < REPUBLISH_INTERVAL_S:
+            return
+        self._cancels_pruned_at = now
+        removed, seen = await prune_cancel_requests(self.redis, offset=self._cancel_offset, limit=batch)
+        self._cancel_offset = 0 if seen < batch else self._cancel_offset + seen - removed
+        if removed:
+            log.info("stale cancel requests dropped", removed=removed)
 
     async def _read_counts(self) -> None:
         try:
