@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import uuid
@@ -238,6 +239,16 @@ def _decode(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
         data=body.get("data") or {},
         event_id=str(body.get("id") or ""),
     )
+
+
+def decode_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> Event | None:
+    """:func:`_decode` for readers that must not fail on one bad entry (the operator console): None for an
+    entry whose ``event`` field is not a JSON object; ``data`` that is not an object reads as ``{}``."""
+    try:
+        event = _decode(entry_id, fields)
+    except (ValueError, RecursionError, AttributeError):  # not JSON, nested too deep, not an object
+        return None
+    return event if isinstance(event.data, dict) else dataclasses.replace(event, data={})
 
 
 async def read_events(redis: Redis, tenant_id: str, *, since: str = "0", block_ms: int = 5000,

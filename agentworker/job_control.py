@@ -66,7 +66,7 @@ from agentworker.jobs import InvalidJob, JobCancelled, JobId
 from agentworker.rerouting import config_of_routing_table
 from agentworker.routing import InvalidTenantId, route_tenant
 from agentworker.submit import JobSubmitter
-from agentworker.tenants import TenantDirectory
+from agentworker.tenants import MAX_BY_CHARS, TenantDirectory, valid_by
 
 __all__ = [
     "CANCEL_REQUESTS",
@@ -87,8 +87,6 @@ __all__ = [
 MAX_JOB_ID_CHARS = 63 + 1 + 64 + 1 + 200
 #: the sorted set of cancel requests (ARQ's own abort set: job id -> when first asked, ms)
 CANCEL_REQUESTS = abort_jobs_ss
-#: who asked, at most this many printable ASCII characters
-MAX_BY_CHARS = 200
 #: how long a retried job's old result is kept aside while the job is enqueued again (then put back or
 #: dropped; this only bounds a process dying in between)
 _RETRY_HOLD_MS = 3_600_000
@@ -172,7 +170,7 @@ def parse_job_id(job_id: object) -> JobId:
 
 def check_by(by: object) -> str:
     """Who asks: at most :data:`MAX_BY_CHARS` printable ASCII characters (:class:`InvalidJob` else)."""
-    if not isinstance(by, str) or len(by) > MAX_BY_CHARS or not (by.isascii() and by.isprintable()):
+    if not valid_by(by, blank_ok=True):
         raise InvalidJob(f"who asks (by) must be at most {MAX_BY_CHARS} printable ASCII characters")
     return by
 

@@ -43,13 +43,12 @@ import asyncio
 import builtins
 import contextlib
 import json
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -96,7 +95,6 @@ SYNC_PAGE = 1_000
 #: longest ``by`` (who made a change) kept in the audit trail
 MAX_BY_CHARS = 200
 
-_BY_RE = re.compile(r"^[\x20-\x7e]+$")
 
 
 class InvalidTenantChange(ConfigError):
@@ -319,8 +317,17 @@ UNSET: Any = object()
 _COLUMNS = "tenant_id, plan, overrides, version, seq, deleted, previous_queue, updated_at, updated_by"
 
 
+def valid_by(by: object, *, blank_ok: bool = False) -> TypeGuard[str]:
+    """``by`` — who made a change, or asked for an action — as every record of it takes it: a string of at
+    most :data:`MAX_BY_CHARS` printable ASCII characters, not blank unless ``blank_ok``. The tenant store,
+    job control (:mod:`agentworker.job_control`, where a blank ``by`` means "not said") and the admin
+    endpoints all check it with this."""
+    return (isinstance(by, str) and len(by) <= MAX_BY_CHARS and by.isascii() and by.isprintable()
+            and (blank_ok or bool(by.strip())))
+
+
 def _check_by(by: object) -> str:
-    if not isinstance(by, str) or not by.strip() or len(by) > MAX_BY_CHARS or not _BY_RE.fullmatch(by):
+    if not valid_by(by):
         raise InvalidTenantChange("tenant change", [
             f"by: must say who makes the change, 1-{MAX_BY_CHARS} printable ASCII characters (got {by!r})"])
     return by

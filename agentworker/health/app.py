@@ -108,6 +108,7 @@ from agentworker.health.common import (
     HealthBackend,
     Refused,
     authorized,
+    json_body,
     no_store_json,
     read_body,
     refusal,
@@ -240,10 +241,7 @@ def _limit(request: web.Request) -> int:
 def _tenant_change(raw: bytes) -> tuple[str, dict[str, Any]]:
     """``by`` and the rest of a PATCH body, its shape checked (every problem at once); the values
     themselves are the store's to validate."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, a number too long, nested too deep
-        raise Refused(400, "invalid request body", [f"body: not JSON ({str(exc)[:200]})"]) from None
+    body = json_body(raw)
     if not isinstance(body, dict):
         raise Refused(400, "invalid request body", [f"body: must be a JSON object, not {type(body).__name__}"])
     known = ", ".join(TENANT_CHANGE_KEYS)

@@ -18,6 +18,8 @@ from agentworker.health.checks import Check
 MAX_BODY_BYTES = 64 * 1024
 #: seconds a request body may take to arrive (the server's deadline covers request heads only)
 BODY_TIMEOUT_S = 10.0
+#: the largest ``limit`` of the console's lists (/status/...), checked by the routes and the backend
+MAX_LIST_LIMIT = 200
 
 
 class ConsoleRefusal(AgentWorkerError):

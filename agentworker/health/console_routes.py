@@ -10,12 +10,12 @@ from typing import Any
 
 from aiohttp import web
 
-from agentworker.health.common import BACKEND, Refused, json_body, no_store_json, read_body
+from agentworker.health.common import BACKEND, MAX_LIST_LIMIT, Refused, json_body, no_store_json, read_body
 from agentworker.job_control import parse_job_id
 from agentworker.routing import validate_tenant_id
+from agentworker.tenants import MAX_BY_CHARS, valid_by
 
 #: the largest ``limit`` of the /status/... lists, and the longest ``by`` of a job action
-MAX_LIST_LIMIT, MAX_BY_CHARS = 200, 200
 #: who an action is recorded as when its body names no one
 DEFAULT_BY = "admin-http"
 #: the console's files (agentworker/health/console/): the only names /ui/static/ serves
@@ -70,7 +70,7 @@ def _action_by(body: Any) -> str:
     if not isinstance(body, dict) or set(body) - {"by"}:
         raise Refused(400, "invalid request body", ['body: must be empty or the JSON object {"by": WHO}'])
     by = body.get("by", DEFAULT_BY)
-    if not isinstance(by, str) or not by.strip() or len(by) > MAX_BY_CHARS or not (by.isascii() and by.isprintable()):
+    if not valid_by(by):
         raise Refused(400, "invalid request body", [f"by: 1 to {MAX_BY_CHARS} printable ASCII characters"])
     return by
 

@@ -15,7 +15,6 @@ idempotency key names the run and the step decided, so a double click enqueues o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +29,15 @@ from agentworker.db import runs as run_rows
 from agentworker.db import schedules as schedule_rows
 from agentworker.db.approvals import ApprovalRecord
 from agentworker.dead_letters import list_dead_letters
-from agentworker.health.common import ConsoleRefusal
+from agentworker.events import decode_entry
+from agentworker.health.common import MAX_LIST_LIMIT, ConsoleRefusal
 from agentworker.routing import validate_tenant_id
 from agentworker.schedules.spec import schedule_view
 from agentworker.submit import JobSubmitter
-from agentworker.tenants import TenantDirectory
+from agentworker.tenants import MAX_BY_CHARS, TenantDirectory
 
 #: the largest ``limit`` a list endpoint takes
-MAX_LIMIT = 200
+MAX_LIMIT = MAX_LIST_LIMIT
 #: newest entries of a tenant's event stream scanned for a job's events or its recent failures
 EVENT_SCAN = 500
 #: a job's events shown at most (the newest, in stream order)
@@ -45,7 +45,7 @@ MAX_JOB_EVENTS = 200
 #: schedules of one tenant shown at most (by id)
 MAX_SCHEDULES = 500
 #: lengths of a decision's free-text fields
-MAX_BY_CHARS, MAX_COMMENT_CHARS, MAX_STEP_ID_CHARS = 200, 2000, 200
+MAX_COMMENT_CHARS, MAX_STEP_ID_CHARS = 2000, 200
 DECISIONS = ("approve", "reject")
 #: events that end a job for good (job_failed) or that an operator looks for next to them
 FAILURE_EVENTS = ("job_failed", "job_rejected")
@@ -112,18 +112,14 @@ def _approval(record: ApprovalRecord) -> dict[str, Any]:
             "decided_at": record.decided_at.isoformat() if record.decided_at else None}
 
 
-def _event(entry_id: bytes | str, raw: bytes | str) -> dict[str, Any] | None:
-    """A stream entry as ``{"id", "event", "ts", "data"}``; None for one that is not an event's JSON."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
+def _event(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any] | None:
+    """A stream entry as ``{"id", "event", "tenant_id", "ts", "data"}``; None for one that is not an event's
+    JSON (:func:`agentworker.events.decode_entry`)."""
+    event = decode_entry(entry_id, fields)
+    if event is None:
         return None
-    if not isinstance(body, dict):
-        return None
-    data = body.get("data")
-    return {"id": entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
-            "event": str(body.get("event", "")), "tenant_id": str(body.get("tenant_id", "")), "ts": body.get("ts"),
-            "data": data if isinstance(data, dict) else {}}
+    return {"id": event.id, "event": str(event.event), "tenant_id": str(event.tenant_id), "ts": event.ts or None,
+            "data": event.data}
 
 
 class OperatorViews:
@@ -143,7 +139,7 @@ class OperatorViews:
         entries = await self.redis.xrevrange(keys.event_stream(tenant_id), count=scan)
         found = []
         for entry_id, fields in entries:
-            event = _event(entry_id, fields.get(b"event", fields.get("event", b"")))
+            event = _event(entry_id, fields)
             if event is not None:
                 found.append(event)
         return found

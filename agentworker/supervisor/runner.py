@@ -45,7 +45,7 @@ from agentworker.supervisor.reconcile import TICK_S, Supervisor
 from agentworker.supervisor.reload import QuotaFileWatch
 from agentworker.supervisor.report import SupervisorCollector, pool_health, status_document
 from agentworker.supervisor.zygote import Zygote
-from agentworker.tenants import MAX_BY_CHARS, UNSET, TenantStore
+from agentworker.tenants import UNSET, TenantStore, valid_by
 
 log = get_logger("agentworker.supervisor")
 
@@ -150,7 +150,7 @@ class SupervisorBackend:
         store = await self.tenant_store()
         unset = change.get("unset") or ()
         only_unset = "plan" not in change and not change.get("overrides")
-        if only_unset and _plain_by(by) and all(key == "plan" or key in TENANT_KEYS for key in unset):
+        if only_unset and valid_by(by) and all(key == "plan" or key in TENANT_KEYS for key in unset):
             view = await store.get(tenant_id)
             if not view.stored:  # nothing to remove (the store would record an empty entry)
                 return view.as_json()
@@ -219,11 +219,6 @@ class SupervisorBackend:
             if self._database is not None:
                 database, self._database = self._database, None
                 await database.close()
-
-
-def _plain_by(by: str) -> bool:
-    """``by`` as the store takes it (it refuses anything else: the answer must then be its error)."""
-    return bool(by.strip()) and len(by) <= MAX_BY_CHARS and by.isascii() and by.isprintable()
 
 
 def _directory(configured: str | None, prefix: str) -> tuple[Path, bool]:
