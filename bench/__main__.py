@@ -22,17 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from bench import crash_scenario, fair_scenarios, neighbour, process_scenarios, scenarios
+from bench.harness import loads, machine, package_version, results_path
 from bench.redis_server import PrivateRedis
 from bench.report import SYSTEMS, Metric, check_targets, table, targets_table, write_json
 from bench.scenarios import Bench, Options
@@ -50,7 +49,6 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "fairness": fair_scenarios.fairness,
     "claim-cost": fair_scenarios.claim_cost,
 }
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 async def _all(*steps: Awaitable[None]) -> None:
@@ -80,19 +78,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def environment(redis: PrivateRedis, args: argparse.Namespace, systems: tuple[str, ...]) -> dict[str, Any]:
     return {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick, "scenarios": list(args.only),
-        "systems": list(systems), "cpus": os.cpu_count(), "load_average_start": os.getloadavg(),
-        "platform": platform.platform(), "python": platform.python_version(), "redis_server": redis.version(),
-        "versions": {p: _version(p) for p in ("agentworker", "arq", "saq", "redis", "uvloop", "hiredis")},
+        **machine(redis), "quick": args.quick, "scenarios": list(args.only), "systems": list(systems),
+        "versions": {p: package_version(p) for p in ("agentworker", "arq", "saq", "redis", "uvloop", "hiredis")},
     }
 
 
@@ -106,7 +95,7 @@ async def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="aw-bench-"))
     metrics: dict[str, Metric] = {}
     env = environment(redis, args, systems)
-    print(f"bench: {env['cpus']} CPUs, load average {' '.join(f'{x:.2f}' for x in env['load_average_start'])}, "
+    print(f"bench: {env['cpus']} CPUs, load average {loads(env['load_average_start'])}, "
           f"Redis {env['redis_server']} on {redis.url}, work directory {workdir}", flush=True)
     bench = Bench(options=Options(quick=args.quick), redis=redis, workdir=workdir, systems=systems,
                   make=SystemFactory(redis.url, workdir), metrics=metrics, log=lambda m: print(m, flush=True))
@@ -127,9 +116,9 @@ async def run(args: argparse.Namespace) -> int:
     if checks:
         print()
         print(targets_table(checks))
-    output = args.output or RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    output = results_path(args.output, "bench")
     write_json(output, metrics, checks, env)
-    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in env['load_average_end'])}; "
+    print(f"\nload average at the end: {loads(env['load_average_end'])}; "
           f"results written to {output}")
     return 0
 

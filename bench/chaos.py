@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import platform
 import random
 import shutil
 import sys
@@ -42,7 +40,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +62,10 @@ from bench.chaos_tally import (
     notify_histogram,
     scan_logs,
 )
+from bench.harness import loads, machine, package_version, results_path, tear_down, write_document
 from bench.postgres_server import PostgresUnavailable, PrivatePostgres, migrated_database
 from bench.redis_server import PrivateRedis
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TENANTS = [f"chaos-{i:02d}" for i in range(20)]
 POOL = "chaos"
 WORKFLOW_ID = "chaos"
@@ -347,18 +344,10 @@ def notes(phases: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def environment(args: argparse.Namespace, redis: PrivateRedis, postgres: PrivatePostgres) -> dict[str, Any]:
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "scenario": "chaos", "runs": args.runs, "seed": args.seed,
+    return {**machine(redis, postgres), "scenario": "chaos", "runs": args.runs, "seed": args.seed,
             "effect_delay_s": args.effect_delay, "tenants": len(TENANTS), "quotas": QUOTAS, "service_env": SERVICE_ENV,
-            "kill_every_s": KILL_EVERY_S, "one_off_faults": dict(ONE_OFF_FAULTS), "cpus": os.cpu_count(),
-            "load_average_start": os.getloadavg(), "platform": platform.platform(),
-            "python": platform.python_version(), "redis_server": redis.version(), "postgres_bin": str(postgres.bin_dir),
-            "versions": {p: version(p) for p in ("agentworker", "arq", "redis", "asyncpg", "langgraph")}}
+            "kill_every_s": KILL_EVERY_S, "one_off_faults": dict(ONE_OFF_FAULTS),
+            "versions": {p: package_version(p) for p in ("agentworker", "arq", "redis", "asyncpg", "langgraph")}}
 
 
 # -- entry point ----------------------------------------------------------------------------------------
@@ -379,7 +368,7 @@ async def run(args: argparse.Namespace) -> int:
         redis.start()
         await asyncio.to_thread(postgres.start)
         env = environment(args, redis, postgres)
-        log(f"bench chaos: {env['cpus']} CPUs, load average {' '.join(f'{x:.2f}' for x in env['load_average_start'])}, "
+        log(f"bench chaos: {env['cpus']} CPUs, load average {loads(env['load_average_start'])}, "
             f"Redis {env['redis_server']} (AOF) on {redis.url}, PostgreSQL on port {postgres.port}, "
             f"work directory {workdir}, seed {args.seed}")
         setup = Setup(workdir, redis, postgres, args.runs, args.effect_delay, random.Random(args.seed))
@@ -390,23 +379,15 @@ async def run(args: argparse.Namespace) -> int:
         phases["chaos"] = await run_phase(setup, "chaos", faults=True, expected_s=expected_s,
                                           deadline_s=300 + expected_s * 5)
     finally:
-        if redis is not None:
-            redis.stop()
-        if args.keep:
-            with contextlib.suppress(OSError):
-                shutil.copy(postgres.log_path, workdir / "postgres.log")
-        postgres.cleanup()
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        tear_down(redis, postgres, workdir, keep=args.keep)
     env["load_average_end"] = os.getloadavg()
     print()
     print(table(phases["fault-free"], phases["chaos"]))
     print("\n".join(notes(phases)))
-    output = args.output or RESULTS / f"chaos-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"environment": env, "phases": phases}, indent=2, default=str) + "\n")
+    output = results_path(args.output, "chaos")
+    write_document(output, {"environment": env, "phases": phases})
     kept = f"; logs kept in {workdir}" if args.keep else ""
-    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in env['load_average_end'])}; "
+    print(f"\nload average at the end: {loads(env['load_average_end'])}; "
           f"results written to {output}{kept}")
     return 0
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.harness import write_document
 
 #: table columns: agentworker first, then the baselines its ratios are taken against
 SYSTEMS = ("agentworker", "arq-default", "arq-tuned", "saq")
@@ -151,7 +152,5 @@ def targets_table(checks: list[dict[str, Any]]) -> str:
 
 def write_json(path: Path, metrics: dict[str, Metric], checks: list[dict[str, Any]],
                environment: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"environment": environment, "metrics": {k: asdict(m) for k, m in metrics.items()},
-                "targets": checks}
-    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    write_document(path, {"environment": environment, "metrics": {k: asdict(m) for k, m in metrics.items()},
+                          "targets": checks})

@@ -45,7 +45,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
 import shutil
 import sys
@@ -67,13 +66,13 @@ from agentworker.config import load_config
 from agentworker.db import open_database
 from agentworker.settings import Settings
 from agentworker.tenants import SYNC_SETTLE_S, sync_once
+from bench.harness import loads, machine, results_path, tear_down, write_document
 from bench.postgres_server import PostgresUnavailable, PrivatePostgres, migrated_database
 from bench.redis_server import PrivateRedis
 from bench.report import summary
 from bench.scenarios import latencies, memory_of
 from bench.systems import AgentWorker
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PLAN = "bench-plan"
 PLANS = {PLAN: {"max_concurrency": 8, "weight": 2}}
 OVERRIDES = {"max_concurrency": 5}
@@ -507,11 +506,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def environment(args: argparse.Namespace, redis: PrivateRedis, postgres: PrivatePostgres,
                 sizes: Sizes) -> dict[str, Any]:
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "scenario": "tenants", "quick": args.quick,
-            "sizes": asdict(sizes), "plans": PLANS,
-            "overrides": OVERRIDES, "processes": PROCESSES, "seed": SEED, "cpus": os.cpu_count(),
-            "load_average_start": os.getloadavg(), "platform": platform.platform(),
-            "python": platform.python_version(), "redis_server": redis.version(), "postgres_bin": str(postgres.bin_dir)}
+    return {**machine(redis, postgres), "scenario": "tenants", "quick": args.quick, "sizes": asdict(sizes),
+            "plans": PLANS, "overrides": OVERRIDES, "processes": PROCESSES, "seed": SEED}
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -532,7 +528,7 @@ async def run(args: argparse.Namespace) -> int:
         database_url = await migrated_database(postgres, "tenants")
         env = environment(args, redis, postgres, sizes)
         print(f"bench tenants: {env['cpus']} CPUs, load average "
-              f"{' '.join(f'{x:.2f}' for x in env['load_average_start'])}, Redis {env['redis_server']} on "
+              f"{loads(env['load_average_start'])}, Redis {env['redis_server']} on "
               f"{redis.url}, PostgreSQL on port {postgres.port}, work directory {workdir}", flush=True)
         small, large = sizes.stored
         # the 10 first tenants, then distinct ones from the whole range (the same in both phases)
@@ -544,13 +540,7 @@ async def run(args: argparse.Namespace) -> int:
             phases.append(await run_phase(redis, postgres, workdir, database_url, stored, already, sizes, spread))
             already = stored
     finally:
-        redis.stop()
-        if args.keep:
-            with contextlib.suppress(OSError):
-                shutil.copy(postgres.log_path, workdir / "postgres.log")
-        postgres.cleanup()
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        tear_down(redis, postgres, workdir, keep=args.keep)
     env["load_average_end"] = os.getloadavg()
     env["wall_s"] = round(time.monotonic() - began, 1)
     print()
@@ -558,11 +548,10 @@ async def run(args: argparse.Namespace) -> int:
     print()
     print(by_command(phases))
     print("\n".join(notes(phases)))
-    output = args.output or RESULTS / f"tenants-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"environment": env, "phases": phases}, indent=2, default=str) + "\n")
+    output = results_path(args.output, "tenants")
+    write_document(output, {"environment": env, "phases": phases})
     kept = f"; logs kept in {workdir}" if args.keep else ""
-    print(f"\n{env['wall_s']:.0f} s; load average at the end: {' '.join(f'{x:.2f}' for x in env['load_average_end'])}; "
+    print(f"\n{env['wall_s']:.0f} s; load average at the end: {loads(env['load_average_end'])}; "
           f"results written to {output}{kept}")
     return 0
 
