@@ -77,6 +77,7 @@ __all__ = [
     "JobNotRetryable",
     "JobView",
     "cancel_job",
+    "cancel_requests",
     "get_job",
     "parse_job_id",
     "prune_cancel_requests",
@@ -444,6 +445,26 @@ def describe(view: JobView) -> str:
     if view.status == "completed":
         lines.append(f"  result {json.dumps(view.result, default=str)[:2000]}")
     return "\n".join(lines)
+
+
+async def cancel_requests(redis: Redis, job_ids: list[str]) -> dict[str, tuple[int, str]]:
+    """Of ``job_ids``, those whose cancel was requested: id -> (when it was first asked, ms since the epoch;
+    who asked, ``""`` if not said). One ``ZMSCORE`` per 1,000 ids, and one read of who asked only for those
+    requested. The worker's watch over the jobs it runs and a task's check between two steps both ask this."""
+    found: dict[str, tuple[int, str]] = {}
+    for start in range(0, len(job_ids), 1000):
+        chunk = job_ids[start:start + 1000]
+        scores = await redis.zmscore(CANCEL_REQUESTS, chunk)
+        requested = [(job_id, int(score)) for job_id, score in zip(chunk, scores, strict=True) if score is not None]
+        if not requested:
+            continue
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id, _ in requested:
+                pipe.hget(keys.job_attempt(job_id), "cancel_by")
+            whos = await pipe.execute()
+        for (job_id, at_ms), who in zip(requested, whos, strict=True):
+            found[job_id] = (at_ms, who.decode(errors="replace") if isinstance(who, bytes) else "")
+    return found
 
 
 async def prune_cancel_requests(redis: Redis, *, offset: int = 0, limit: int = 500,

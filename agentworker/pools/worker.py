@@ -52,7 +52,7 @@ from agentworker import catalog, jobs, keys, metrics
 from agentworker.config import ConfigError, QuotaConfig, load_config, resolve_config_path
 from agentworker.event_outbox import relay_forever
 from agentworker.events import EventPublisher
-from agentworker.job_control import CANCEL_REQUESTS
+from agentworker.job_control import cancel_requests
 from agentworker.job_leases import publish_limits, quota_file_version
 from agentworker.logs import configure_logging, get_logger
 from agentworker.pools.arq_internals import ShardWorker
@@ -336,7 +336,7 @@ class WorkerProcess:
             if not running:
                 continue
             try:
-                found = await self._cancel_requests_of(running)
+                found = await cancel_requests(self.redis, running)
             except (RedisError, OSError) as exc:
                 if not failing:
                     log.warning("cannot read cancel requests; retrying", error=str(exc))
@@ -347,23 +347,6 @@ class WorkerProcess:
                 for worker in self.workers:
                     if worker.request_cancel(job_id, requested_at_ms, by):
                         break
-
-    async def _cancel_requests_of(self, job_ids: list[str]) -> dict[str, tuple[int, str]]:
-        """Of ``job_ids``, those whose cancel was requested: id -> (when, who)."""
-        found: dict[str, tuple[int, str]] = {}
-        for start in range(0, len(job_ids), 1000):
-            chunk = job_ids[start:start + 1000]
-            scores = await self.redis.zmscore(CANCEL_REQUESTS, chunk)
-            requested = [(job_id, int(score)) for job_id, score in zip(chunk, scores, strict=True) if score is not None]
-            if not requested:
-                continue
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for job_id, _ in requested:
-                    pipe.hget(keys.job_attempt(job_id), "cancel_by")
-                whos = await pipe.execute()
-            for (job_id, at_ms), who in zip(requested, whos, strict=True):
-                found[job_id] = (at_ms, who.decode(errors="replace") if isinstance(who, bytes) else "")
-        return found
 
     # -- wake-ups and status ---------------------------------------------------------------------------
 

@@ -8,15 +8,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from arq.constants import abort_jobs_ss
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agentworker import keys, metrics
+from agentworker import metrics
 from agentworker.config import QuotaConfig, TenantLimits
 from agentworker.db import Database, open_database
 from agentworker.event_outbox import EventOutbox
 from agentworker.events import EventPublisher
+from agentworker.job_control import cancel_requests
 from agentworker.jobs import JobCancelled
 from agentworker.llm_budget import LlmBudget
 from agentworker.logs import Logger
@@ -166,22 +166,19 @@ class JobContext:
 
     async def raise_if_cancelled(self) -> None:
         """Raise :class:`~agentworker.jobs.JobCancelled` if the job's cancel was requested: known to its
-        worker already, or found now in Redis (one ``ZSCORE``). For a task between two units of work (a
-        workflow before each step): the worker cancels a running job within about a second on its own,
-        this makes the boundary exact. Redis unreachable: not cancelled (the worker's own check follows)."""
+        worker already, or found now in Redis (one ``ZMSCORE``, :func:`agentworker.job_control.cancel_requests`).
+        For a task between two units of work (a workflow before each step): the worker cancels a running
+        job within about a second on its own, this makes the boundary exact. Redis unreachable: not
+        cancelled (the worker's own check follows)."""
         if not self.cancel.requested:
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.zscore(abort_jobs_ss, self.job_id)
-                    pipe.hget(keys.job_attempt(self.job_id), "cancel_by")
-                    requested_at, by = await pipe.execute()
+                found = await cancel_requests(self.redis, [self.job_id])
             except (RedisError, OSError) as exc:
                 self.log.warning("cannot check for a cancel request", error=str(exc))
                 return
-            if requested_at is None:
+            if self.job_id not in found:
                 return
-            self.cancel.requested_at_ms = int(requested_at)
-            self.cancel.by = by.decode(errors="replace") if isinstance(by, bytes) else str(by or "")
+            self.cancel.requested_at_ms, self.cancel.by = found[self.job_id]
         raise JobCancelled(self.cancel.message(self.job_id))
 
     async def scope(self, *, checkpoints: bool = False) -> TenantScope:
