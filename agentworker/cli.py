@@ -127,13 +127,14 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 async def _enqueue(args: argparse.Namespace, payload: dict[str, Any]) -> int:
     from agentworker.client import AgentWorkerClient, JobFailed, QuotaExceeded, ResultTimeout
+    from agentworker.events import stream_position
     from agentworker.routing import validate_tenant_id
 
     settings = _settings(args)
     validate_tenant_id(args.tenant)
     async with AgentWorkerClient.from_settings(settings) as client:
         # Where the tenant's stream is now, before the job can publish anything: --wait follows from here.
-        since = await _stream_position(client.redis, args.tenant) if args.wait else "$"
+        since = await stream_position(client.redis, args.tenant) if args.wait else "$"
         try:
             job = await client.enqueue(args.task, tenant_id=args.tenant, payload=payload,
                                        idempotency_key=args.key, defer=args.defer)
@@ -163,17 +164,6 @@ async def _enqueue(args: argparse.Namespace, payload: dict[str, Any]) -> int:
 #: the events of a job --wait shows (to stderr, as they happen), and whether each ends the job
 _PROGRESS_EVENTS = {"job_started": False, "job_retrying": False, "job_deferred": False, "job_timed_out": False,
                     "job_completed": True, "job_failed": True, "job_cancelled": True, "job_rejected": False}
-
-
-async def _stream_position(redis: Redis, tenant_id: str) -> str:
-    """The id of the newest event in the tenant's stream ("0" for none): reading after it misses nothing."""
-    from agentworker import keys
-
-    newest = await redis.xrevrange(keys.event_stream(tenant_id), count=1)
-    if not newest:
-        return "0"
-    entry_id = newest[0][0]
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
 def progress_line(job_id: str, event: str, data: dict[str, Any]) -> str:

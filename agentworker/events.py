@@ -251,17 +251,25 @@ def decode_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> Event | None:
     return event if isinstance(event.data, dict) else dataclasses.replace(event, data={})
 
 
+async def stream_position(redis: Redis, tenant_id: str) -> str:
+    """Where the tenant's stream is now ("0" while it has none): reading after it yields every event
+    published from here on, none before."""
+    stream = keys.event_stream(tenant_id)
+    info = await redis.xinfo_stream(stream) if await redis.exists(stream) else None
+    if not info:
+        return "0"
+    last = info["last-generated-id"]
+    return last.decode() if isinstance(last, bytes) else str(last)
+
+
 async def read_events(redis: Redis, tenant_id: str, *, since: str = "0", block_ms: int = 5000,
                       batch: int = 100) -> AsyncIterator[Event]:
     """Yield a tenant's events after stream id ``since`` ("0": from the oldest kept, "$": only new),
     catching up first and then following live, without gaps or duplicates."""
     stream = keys.event_stream(tenant_id)
     last = since
-    if last == "$":
-        # Resolve "$" once, so events published between two reads are not skipped.
-        info = await redis.xinfo_stream(stream) if await redis.exists(stream) else None
-        last = (info["last-generated-id"].decode() if isinstance(info["last-generated-id"], bytes)
-                else info["last-generated-id"]) if info else "0"
+    if last == "$":  # resolved once, so events published between two reads are not skipped
+        last = await stream_position(redis, tenant_id)
     while True:
         response = await redis.xread({stream: last}, count=batch, block=block_ms)
         for _stream, entries in response or []:
