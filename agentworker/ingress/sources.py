@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from agentworker.db import Database
-from agentworker.db import integrations as integration_rows
 from agentworker.errors import AgentWorkerError
 from agentworker.integrations import WebhookSettings
+from agentworker.schedules.webhooks import read_source
 
 #: seconds one answer is kept
 SOURCE_TTL_S = 5.0
@@ -52,15 +52,11 @@ class SourceDirectory:
         if cached is not None and cached[0] > self._clock():
             self._cache.move_to_end(key)
             return cached[1]
-        async with database.tenant(tenant_id) as tx:
-            config = await integration_rows.get_integration(tx, "webhook", source)
-        settings = None
-        if config is not None:
-            try:
-                settings = WebhookSettings.model_validate(config)
-            except ValidationError:  # never shown: the stored document holds the secret
-                raise SourceUnusable(f"the stored settings of webhook source {source!r} do not validate; "
-                                     "save them again") from None
+        try:
+            settings = await read_source(database, tenant_id, source)
+        except ValidationError:  # never shown: the stored document holds the secret
+            raise SourceUnusable(f"the stored settings of webhook source {source!r} do not validate; "
+                                 "save them again") from None
         self._cache[key] = (self._clock() + self.ttl, settings)
         self._cache.move_to_end(key)
         while len(self._cache) > self.max_entries:

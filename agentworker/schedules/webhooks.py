@@ -216,11 +216,19 @@ async def receive(database: Database, submitter: JobSubmitter, tenant_id: str, s
     return {"status": "accepted", "delivery_id": delivery, "job_id": handle.job_id}
 
 
+async def read_source(database: Database, tenant_id: str, source: str) -> WebhookSettings | None:
+    """The source's stored settings, read in the tenant's transaction and validated (pydantic's
+    ``ValidationError`` for a stored document that does not validate); None if the tenant has no such
+    source. The worker's check and the ingress's cache (:mod:`agentworker.ingress.sources`) both read here."""
+    async with database.tenant(tenant_id) as tx:
+        config = await integration_rows.get_integration(tx, "webhook", source)
+    return None if config is None else WebhookSettings.model_validate(config)
+
+
 async def _settings(database: Database, tenant_id: str, source: str) -> WebhookSettings:
     if not isinstance(source, str) or not re.fullmatch(WEBHOOK_SOURCE_PATTERN, source):
         raise WebhookRejected("unknown_source", "not a webhook source name")
-    async with database.tenant(tenant_id) as tx:
-        config = await integration_rows.get_integration(tx, "webhook", source)
-    if config is None:
+    settings = await read_source(database, tenant_id, source)
+    if settings is None:
         raise WebhookRejected("unknown_source", "the tenant has no webhook source of that name")
-    return WebhookSettings.model_validate(config)
+    return settings
