@@ -172,11 +172,8 @@ class JobHandle:
             pipe.zscore(keys.tenant_queue(self.route.pool, self.route.shard, self.route.tenant_id), self.job_id)
             result, in_progress, score = await pipe.execute()
         if result is not None:
-            with contextlib.suppress(ValueError, TypeError, AttributeError, UnicodeDecodeError):
-                record = jobs.loads(result)
-                if not record.get("s") and (record.get("r") or {}).get("error") == JobCancelled.__name__:
-                    return JobStatus.CANCELLED
-            return JobStatus.COMPLETE
+            cancelled = job_control.finished_status(result) == "cancelled"
+            return JobStatus.CANCELLED if cancelled else JobStatus.COMPLETE
         if in_progress:
             return JobStatus.IN_PROGRESS
         if score is None:

@@ -78,6 +78,7 @@ __all__ = [
     "JobView",
     "cancel_job",
     "cancel_requests",
+    "finished_status",
     "get_job",
     "parse_job_id",
     "prune_cancel_requests",
@@ -232,16 +233,29 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _status_of(record: dict[str, Any]) -> str:
+    """``completed``, ``failed`` or ``cancelled``: how the job of a result record ended."""
+    if record.get("s"):
+        return "completed"
+    outcome = record.get("r")
+    return "cancelled" if isinstance(outcome, dict) and outcome.get("error") == JobCancelled.__name__ else "failed"
+
+
+def finished_status(raw: bytes) -> str:
+    """How the job of a stored result (``arq:result:{id}``) ended: ``completed``, ``failed`` or ``cancelled``
+    (an unreadable record reads as failed)."""
+    return _status_of(_json_object(raw))
+
+
 def _finished_view(base: dict[str, Any], raw: bytes) -> JobView:
     record = _json_object(raw)
-    success = bool(record.get("s"))
+    status = _status_of(record)
+    success = status == "completed"
     outcome = record.get("r")
     error = None
-    status = "completed"
     if not success:
         error = outcome if isinstance(outcome, dict) and "error" in outcome else \
             {"error": None, "message": str(outcome)}
-        status = "cancelled" if error.get("error") == JobCancelled.__name__ else "failed"
     tries = record.get("t")
     return JobView(**base, queue=str(record.get("q") or ""), status=status,
                    tries=tries if isinstance(tries, int) and not isinstance(tries, bool) else 1,
