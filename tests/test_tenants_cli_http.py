@@ -261,7 +261,7 @@ async def test_patch_get_list_history_delete(served: tuple[TestClient[Any, Any],
                                              redis: Redis) -> None:
     http, backend = served
     tenant = new_tenant("http")
-    assert backend._database is None  # opened on the first tenant request only
+    assert not backend._database.opened  # opened on the first tenant request only
 
     answer = await http.get(f"/admin/tenants/{tenant}", headers=AUTH)
     assert answer.status == 200
@@ -311,9 +311,9 @@ async def test_patch_get_list_history_delete(served: tuple[TestClient[Any, Any],
     assert answer.status == 200 and (await answer.json())["stored"] is False
     assert await (await http.get(f"/admin/tenants/{other}/history", headers=AUTH)).json() == []
 
-    assert backend._database is not None
+    assert backend._database.opened
     await backend.close()
-    assert backend._database is None
+    assert not backend._database.opened
 
 
 async def test_refused_requests_answer_400_with_every_error(
@@ -419,7 +419,7 @@ async def test_postgresql_unavailable_is_503_and_the_next_request_tries_again(
             body = await answer.json()
             assert body["error"] == "the tenant store is unavailable: PostgreSQL cannot be used"
             assert body["errors"][0].startswith("cannot reach PostgreSQL at postgresql://postgres@127.0.0.1:1/")
-        assert backend._database is None
+        assert not backend._database.opened
         # PostgreSQL is back (here: the right URL): the next request opens the database
         backend.settings = Settings.from_env({}, config=str(quotas), database_url=database_url, admin_token=TOKEN)
         answer = await http.get(f"/admin/tenants/{tenant}", headers=AUTH)

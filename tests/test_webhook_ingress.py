@@ -23,11 +23,10 @@ from redis.asyncio import Redis
 
 from agentworker.client import JobFailed
 from agentworker.config import load_config
-from agentworker.db import Database
+from agentworker.db import Database, LazyDatabase
 from agentworker.health.server import HttpServer
 from agentworker.ingress.app import WebhookIngress
 from agentworker.ingress.buckets import TokenBuckets
-from agentworker.ingress.server import LazyDatabase
 from agentworker.jobs import make_job_id
 from agentworker.keys import tenant_queue
 from agentworker.routing import route_tenant
@@ -57,7 +56,7 @@ async def serving(redis_url: str, database_url: str, quota_file: Path,
     """The ingress app on a real server on a free loopback port, as `agentworker webhooks` builds it."""
     settings = Settings(redis_url=redis_url, database_url=database_url, config=str(quota_file), **overrides)
     redis = Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
-    database = LazyDatabase(database_url)
+    database = LazyDatabase(database_url, max_size=10)
     submitter = JobSubmitter(redis, load_config(quota_file), max_payload_bytes=settings.max_payload_bytes)
     ingress = WebhookIngress(settings, redis, database, submitter)
     http = HttpServer(ingress.make_app(), "127.0.0.1", 0)

@@ -14,6 +14,7 @@ from agentworker.db.database import (
     DatabaseError,
     DatabaseNotMigrated,
     DatabaseUnavailable,
+    LazyDatabase,
     TenantTransaction,
     open_database,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "DatabaseError",
     "DatabaseNotMigrated",
     "DatabaseUnavailable",
+    "LazyDatabase",
     "TenantTransaction",
     "open_database",
 ]

@@ -11,6 +11,7 @@ SUPERUSER or BYPASSRLS: a superuser would skip the policies, so every connection
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -323,3 +324,45 @@ async def open_database(url: str, *, max_size: int = 10, connect_timeout: float 
         raise DatabaseNotMigrated(f"the database at {shown} is not migrated to version {REQUIRED_MIGRATION} "
                                   f"(found {version}); run `agentworker migrate`")
     return Database(pool, url)
+
+
+class LazyDatabase:
+    """A process's PostgreSQL pool, opened on first need (``await lazy()``), one attempt at a time however
+    many callers wait. An attempt that fails raises :class:`DatabaseError` — :func:`open_database`'s own,
+    or any other failure to connect (e.g. a malformed URL) as one with the URL redacted — and the next
+    need tries again. For processes that serve while PostgreSQL may be away: the supervisor's admin and
+    console endpoints, the webhook ingress. ``url`` may be a callable, read at each attempt (the
+    supervisor's settings)."""
+
+    def __init__(self, url: str | Callable[[], str], *, max_size: int) -> None:
+        self._url = url if callable(url) else (lambda: url)
+        self.max_size = max_size
+        self._database: Database | None = None
+        self._lock = asyncio.Lock()
+
+    async def __call__(self) -> Database:
+        if self._database is not None:
+            return self._database
+        async with self._lock:
+            if self._database is None:
+                url = self._url()
+                try:
+                    self._database = await open_database(url, max_size=self.max_size)
+                except DatabaseError:
+                    raise
+                except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    # e.g. the URL's database does not exist: unusable like an unreachable server
+                    raise DatabaseError(f"cannot use PostgreSQL at {redact_url(url)}: {exc}") from exc
+            return self._database
+
+    @property
+    def opened(self) -> bool:
+        """The pool is open (a need has opened it and close() has not closed it since)."""
+        return self._database is not None
+
+    async def close(self) -> None:
+        """Close the pool if it was opened (a later need opens it again)."""
+        async with self._lock:
+            if self._database is not None:
+                database, self._database = self._database, None
+                await database.close()

@@ -24,7 +24,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from agentworker.config import ConfigError, QuotaConfig, QuotaFileWatch
-from agentworker.db import Database, open_database
+from agentworker.db import LazyDatabase
 from agentworker.errors import AgentWorkerError
 from agentworker.health.server import HttpServer
 from agentworker.ingress.app import WebhookIngress
@@ -42,28 +42,6 @@ log = get_logger("agentworker.ingress")
 
 class StartupError(AgentWorkerError):
     """The ingress cannot start (bad settings, port in use); one sentence."""
-
-
-class LazyDatabase:
-    """The process's PostgreSQL pool, opened on first need (and again after a failed attempt)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._database: Database | None = None
-        self._lock = asyncio.Lock()
-
-    async def __call__(self) -> Database:
-        if self._database is not None:
-            return self._database
-        async with self._lock:  # one connection attempt at a time, however many deliveries wait
-            if self._database is None:
-                self._database = await open_database(self.url, max_size=DATABASE_POOL_SIZE)
-            return self._database
-
-    async def close(self) -> None:
-        if self._database is not None:
-            await self._database.close()
-            self._database = None
 
 
 def check_settings(settings: Settings) -> None:
@@ -90,7 +68,7 @@ async def serve(settings: Settings, config_path: Path, *, host: str | None = Non
         raise SettingsError("the webhook ingress's host (--host, AGENTWORKER_WEBHOOK_HOST) is empty: give an "
                             "address, e.g. 0.0.0.0 for every interface or 127.0.0.1 for this machine only")
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.ready_timeout, socket_timeout=5)
-    database = LazyDatabase(settings.database_url)
+    database = LazyDatabase(settings.database_url, max_size=DATABASE_POOL_SIZE)
     submitter = JobSubmitter(redis, config, max_payload_bytes=settings.max_payload_bytes)
     ingress = WebhookIngress(settings, redis, database, submitter)
     http = HttpServer(ingress.make_app(), host, port)

@@ -21,15 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.asyncio import Redis
 
 from agentworker import job_control
 from agentworker.config import TENANT_KEYS, ConfigError
-from agentworker.db import Database, DatabaseError, open_database
-from agentworker.db.urls import redact_url
+from agentworker.db import Database, LazyDatabase
 from agentworker.errors import AgentWorkerError
 from agentworker.health.app import create_app
 from agentworker.health.checks import FAIL, PASS, WARN, Check, check_postgres, check_redis
@@ -75,8 +73,7 @@ class SupervisorBackend:
         self.status_token = settings.status_token
         #: opened on the first request that needs PostgreSQL (the tenant store, the console's runs and
         #: schedules; the supervisor needs no database otherwise); closed by close()
-        self._database: Database | None = None
-        self._database_lock = asyncio.Lock()
+        self._database = LazyDatabase(lambda: self.settings.database_url, max_size=ADMIN_DATABASE_CONNECTIONS)
         self.views = OperatorViews(redis, self.database, lambda: self.supervisor.config, observer.tenants,
                                    max_payload_bytes=settings.max_payload_bytes)
 
@@ -122,16 +119,7 @@ class SupervisorBackend:
     async def database(self) -> Database:
         """The supervisor's own database pool, opened on first use (:class:`DatabaseError` while it cannot
         be; the next request tries again)."""
-        async with self._database_lock:
-            if self._database is None:
-                try:
-                    self._database = await open_database(self.settings.database_url,
-                                                         max_size=ADMIN_DATABASE_CONNECTIONS)
-                except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    # e.g. the URL's database does not exist: unusable like an unreachable server
-                    raise DatabaseError(f"cannot use PostgreSQL at {redact_url(self.settings.database_url)}: "
-                                        f"{exc}") from exc
-            return self._database
+        return await self._database()
 
     async def tenant_store(self) -> TenantStore:
         """The tenant store on the supervisor's Redis, database and current quota file."""
@@ -215,10 +203,7 @@ class SupervisorBackend:
 
     async def close(self) -> None:
         """Close what the backend opened (its database pool, if a tenant request opened it)."""
-        async with self._database_lock:
-            if self._database is not None:
-                database, self._database = self._database, None
-                await database.close()
+        await self._database.close()
 
 
 def _directory(configured: str | None, prefix: str) -> tuple[Path, bool]:
